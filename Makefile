@@ -1,0 +1,28 @@
+# Both entry points create .venv on first use and reuse it afterwards; the
+# stamp files re-run the install whenever setup.cfg changes.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+
+.PHONY: test demo clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.test-installed: setup.cfg pyproject.toml | $(PY)
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+$(VENV)/.demo-installed: setup.cfg pyproject.toml | $(PY)
+	$(PIP) install -q -e ".[demo]"
+	touch $@
+
+test: $(VENV)/.test-installed
+	$(PY) -m pytest -q tests
+
+demo: $(VENV)/.demo-installed
+	$(PY) examples/demo.py $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,25 @@
+"""Twins-PCPVT and Twins-SVT vision transformers for Keras 3."""
+
+from keras_twins import layers
+from keras_twins.model import Twins
+from keras_twins.model import TwinsPCPVTBase
+from keras_twins.model import TwinsPCPVTLarge
+from keras_twins.model import TwinsPCPVTSmall
+from keras_twins.model import TwinsSVTBase
+from keras_twins.model import TwinsSVTLarge
+from keras_twins.model import TwinsSVTSmall
+from keras_twins.variants import VARIANTS
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Twins",
+    "TwinsPCPVTBase",
+    "TwinsPCPVTLarge",
+    "TwinsPCPVTSmall",
+    "TwinsSVTBase",
+    "TwinsSVTLarge",
+    "TwinsSVTSmall",
+    "VARIANTS",
+    "layers",
+]

@@ -1,0 +1,84 @@
+"""The attention core shared by LSA and GSA: scores, softmax, weighted sum.
+
+Everything is a reshape, a 4-D transpose, a matmul or a softmax, the ops
+that TFLite, ONNX and their GPU delegates all support.
+"""
+
+import keras
+from keras import ops
+
+
+class MultiHeadAttentionCore(keras.layers.Layer):
+    """Base of the two Twins attentions; subclasses form queries, keys and values.
+
+    Args:
+        dim: channels of the input and output tokens.
+        num_heads: attention heads; `dim` must be a multiple of it.
+        attention_dropout: dropout on the attention weights.
+        projection_dropout: dropout after the output projection.
+    """
+
+    def __init__(self, dim, num_heads, attention_dropout=0.0,
+                 projection_dropout=0.0, **kwargs):
+        super().__init__(**kwargs)
+        if dim % num_heads:
+            raise ValueError(
+                f"`dim` must be a multiple of `num_heads`. "
+                f"Received: dim={dim}, num_heads={num_heads}"
+            )
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.attention_dropout = attention_dropout
+        self.projection_dropout = projection_dropout
+        self.attention_dropout_layer = keras.layers.Dropout(
+            attention_dropout, dtype=self.dtype_policy
+        )
+        self.projection = keras.layers.Dense(
+            dim, dtype=self.dtype_policy, name="projection"
+        )
+        self.projection_dropout_layer = keras.layers.Dropout(
+            projection_dropout, dtype=self.dtype_policy
+        )
+
+    def _split_heads(self, tokens, perm):
+        """`(batch, n, dim)` -> `(batch, n, heads, head_dim)`, transposed by `perm`."""
+        n = ops.shape(tokens)[1]
+        tokens = ops.reshape(tokens, (-1, n, self.num_heads, self.head_dim))
+        return ops.transpose(tokens, perm)
+
+    def _attend(self, query, key, value, training=None):
+        """softmax(q k^T / sqrt(head_dim)) v over token sequences.
+
+        Args:
+            query: `(batch, n_query, dim)`.
+            key, value: `(batch, n_key, dim)`.
+
+        Returns:
+            `(batch, n_query, dim)`, heads concatenated head-major.
+        """
+        n_query = ops.shape(query)[1]
+        query = self._split_heads(query * self.scale, (0, 2, 1, 3))
+        # Keys go straight to (batch, heads, head_dim, n_key): no later k^T.
+        key = self._split_heads(key, (0, 2, 3, 1))
+        value = self._split_heads(value, (0, 2, 1, 3))
+        weights = ops.softmax(ops.matmul(query, key), axis=-1)
+        weights = self.attention_dropout_layer(weights, training=training)
+        out = ops.transpose(ops.matmul(weights, value), (0, 2, 1, 3))
+        return ops.reshape(out, (-1, n_query, self.dim))
+
+    def _project(self, x, training=None):
+        return self.projection_dropout_layer(self.projection(x), training=training)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "dim": self.dim,
+            "num_heads": self.num_heads,
+            "attention_dropout": self.attention_dropout,
+            "projection_dropout": self.projection_dropout,
+        }

@@ -1,0 +1,75 @@
+import keras
+from keras import ops
+
+from keras_twins.layers.attention import MultiHeadAttentionCore
+from keras_twins.layers.registration import register
+
+
+@register
+class GlobalSubsampledAttention(MultiHeadAttentionCore):
+    """GSA: every token attends to a sub-sampled summary of the whole map.
+
+    Keys and values come from a `sr_ratio`-strided convolution ("valid", so
+    odd sizes are floored) followed by LayerNorm (eps 1e-5, as both
+    references hard-code). With `sr_ratio=1` it is plain global attention.
+
+    Reference: Chu et al., 2021, Sec. 3.2; identical to PVT's spatial-reduction
+    attention (Wang et al., 2021).
+
+    Args:
+        dim, num_heads, attention_dropout, projection_dropout: see
+            `MultiHeadAttentionCore`.
+        sr_ratio: sub-sampling factor of keys and values.
+        layer_norm_epsilon: epsilon of the sub-sampling LayerNorm.
+
+    Shapes: `(batch, H, W, dim) -> (batch, H, W, dim)`; H, W >= `sr_ratio`.
+    """
+
+    def __init__(self, dim, num_heads, sr_ratio=1, layer_norm_epsilon=1e-5,
+                 **kwargs):
+        super().__init__(dim, num_heads, **kwargs)
+        self.sr_ratio = sr_ratio
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.query = keras.layers.Dense(dim, dtype=self.dtype_policy, name="query")
+        self.key_value = keras.layers.Dense(
+            2 * dim, dtype=self.dtype_policy, name="key_value"
+        )
+        if sr_ratio > 1:
+            self.subsample = keras.layers.Conv2D(
+                dim, sr_ratio, strides=sr_ratio, padding="valid",
+                dtype=self.dtype_policy, name="subsample",
+            )
+            self.subsample_norm = keras.layers.LayerNormalization(
+                epsilon=layer_norm_epsilon, dtype=self.dtype_policy,
+                name="subsample_norm",
+            )
+
+    def build(self, input_shape):
+        for layer in (self.query, self.key_value, self.projection):
+            layer.build(input_shape)
+        if self.sr_ratio > 1:
+            self.subsample.build(input_shape)
+            self.subsample_norm.build(input_shape)
+
+    def call(self, inputs, training=None):
+        _, height, width, _ = ops.shape(inputs)
+        summary = inputs
+        if self.sr_ratio > 1:
+            summary = self.subsample_norm(self.subsample(inputs))
+        _, summary_height, summary_width, _ = ops.shape(summary)
+        query = ops.reshape(self.query(inputs), (-1, height * width, self.dim))
+        key_value = ops.reshape(
+            self.key_value(summary), (-1, summary_height * summary_width, 2 * self.dim)
+        )
+        key, value = ops.split(key_value, 2, axis=-1)  # channels are [k | v]
+        x = self._attend(query, key, value, training=training)
+        x = ops.reshape(x, (-1, height, width, self.dim))
+        return self._project(x, training=training)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "sr_ratio": self.sr_ratio,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+        }
+

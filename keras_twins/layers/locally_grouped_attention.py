@@ -1,0 +1,65 @@
+import keras
+from keras import ops
+
+from keras_twins.layers.attention import MultiHeadAttentionCore
+from keras_twins.layers.registration import register
+
+
+@register
+class LocallyGroupedSelfAttention(MultiHeadAttentionCore):
+    """LSA: self-attention inside non-overlapping `window_size` windows.
+
+    The map is zero-padded bottom/right to a multiple of `window_size`
+    *before* the qkv projection, so padded tokens carry the qkv bias and take
+    part in the softmax unmasked; the result is cropped back. This is what
+    timm and the official detection code do, and parity depends on it.
+
+    Reference: Chu et al., "Twins: Revisiting the Design of Spatial Attention
+    in Vision Transformers", NeurIPS 2021, Sec. 3.2 (Eq. 1).
+
+    Args:
+        dim, num_heads, attention_dropout, projection_dropout: see
+            `MultiHeadAttentionCore`.
+        window_size: side of the square window.
+
+    Shapes: `(batch, H, W, dim) -> (batch, H, W, dim)`, any H and W.
+    """
+
+    def __init__(self, dim, num_heads, window_size=7, **kwargs):
+        super().__init__(dim, num_heads, **kwargs)
+        self.window_size = window_size
+        self.qkv = keras.layers.Dense(3 * dim, dtype=self.dtype_policy, name="qkv")
+
+    def build(self, input_shape):
+        self.qkv.build(input_shape)
+        self.projection.build(input_shape)
+
+    def call(self, inputs, training=None):
+        ws = self.window_size
+        _, height, width, _ = ops.shape(inputs)
+        pad_bottom = (ws - height % ws) % ws
+        pad_right = (ws - width % ws) % ws
+        padded = not (isinstance(pad_bottom, int) and isinstance(pad_right, int)
+                      and pad_bottom == pad_right == 0)
+        x = inputs
+        if padded:
+            x = ops.pad(x, ((0, 0), (0, pad_bottom), (0, pad_right), (0, 0)))
+        rows, cols = (height + pad_bottom) // ws, (width + pad_right) // ws
+
+        # (batch, rows*ws, cols*ws, dim) -> (batch*rows*cols, ws*ws, dim)
+        x = ops.reshape(x, (-1, rows, ws, cols, ws, self.dim))
+        x = ops.transpose(x, (0, 1, 3, 2, 4, 5))
+        x = ops.reshape(x, (-1, ws * ws, self.dim))
+
+        query, key, value = ops.split(self.qkv(x), 3, axis=-1)
+        x = self._attend(query, key, value, training=training)
+
+        x = ops.reshape(x, (-1, rows, cols, ws, ws, self.dim))
+        x = ops.transpose(x, (0, 1, 3, 2, 4, 5))
+        x = ops.reshape(x, (-1, rows * ws, cols * ws, self.dim))
+        if padded:
+            x = x[:, :height, :width, :]
+        return self._project(x, training=training)
+
+    def get_config(self):
+        return {**super().get_config(), "window_size": self.window_size}

@@ -1,0 +1,48 @@
+import keras
+
+from keras_twins.layers.registration import register
+
+
+@register
+class MLP(keras.layers.Layer):
+    """Feed-forward network of a transformer block: Dense, GELU, Dense.
+
+    The GELU is the exact (erf) form, as PyTorch's `nn.GELU()`; note that
+    `keras.ops.gelu` defaults to the tanh approximation.
+
+    Args:
+        dim: input and output channels.
+        hidden_dim: channels of the hidden layer (`int(dim * mlp_ratio)`).
+        dropout: dropout after the activation and after the output layer.
+
+    Shapes: `(batch, ..., dim) -> (batch, ..., dim)`.
+    """
+
+    def __init__(self, dim, hidden_dim, dropout=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.dim = dim
+        self.hidden_dim = hidden_dim
+        self.dropout = dropout
+        self.fc1 = keras.layers.Dense(hidden_dim, dtype=self.dtype_policy, name="fc1")
+        self.fc2 = keras.layers.Dense(dim, dtype=self.dtype_policy, name="fc2")
+        self.dropout_layer = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
+
+    def build(self, input_shape):
+        self.fc1.build(input_shape)
+        self.fc2.build(tuple(input_shape[:-1]) + (self.hidden_dim,))
+
+    def call(self, inputs, training=None):
+        x = keras.activations.gelu(self.fc1(inputs), approximate=False)
+        x = self.dropout_layer(x, training=training)
+        return self.dropout_layer(self.fc2(x), training=training)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.dim,)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "dim": self.dim,
+            "hidden_dim": self.hidden_dim,
+            "dropout": self.dropout,
+        }

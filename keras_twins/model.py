@@ -1,0 +1,231 @@
+"""The Twins builder and the six variants of the paper.
+
+Reference: Chu et al., "Twins: Revisiting the Design of Spatial Attention in
+Vision Transformers", NeurIPS 2021 (https://arxiv.org/abs/2104.13840).
+"""
+
+import os
+
+import keras
+import numpy as np
+
+from keras_twins import variants
+from keras_twins.layers import PatchEmbedding
+from keras_twins.layers import PositionalEncodingGenerator
+from keras_twins.layers import TransformerBlock
+from keras_twins.weights import load_weights
+
+_WEIGHTS_ERROR = (
+    "The `weights` argument should be either `None` (random initialization), "
+    "`imagenet` (pre-training on ImageNet), or the path to the weights file to "
+    "be loaded (.weights.h5, .safetensors, .pth, .pt or .bin)."
+)
+
+
+def Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios,
+          window_sizes=None, patch_size=4, include_top=True, weights=None,
+          input_tensor=None, input_shape=None, pooling=None, classes=1000,
+          classifier_activation="softmax", include_preprocessing=True,
+          drop_path_rate=0.0, name="twins"):
+    """Builds a Twins model of any size.
+
+    Each stage embeds patches (stride `patch_size` for the first stage, 2
+    after), runs its transformer blocks and adds the positional encoding
+    generator after its first block. With `window_sizes`, blocks alternate
+    locally-grouped (even index) and global sub-sampled (odd index) attention
+    (Twins-SVT); without, every block uses global sub-sampled attention
+    (Twins-PCPVT).
+
+    Args:
+        embed_dims: channels of each stage.
+        depths: transformer blocks of each stage.
+        num_heads: attention heads of each stage.
+        mlp_ratios: MLP hidden channels per channel, for each stage.
+        sr_ratios: key/value sub-sampling factor of GSA, for each stage.
+        window_sizes: LSA window side for each stage, or `None` for PCPVT.
+        patch_size: patch side of the first stage.
+        include_top, weights, input_tensor, input_shape, pooling, classes,
+        classifier_activation, include_preprocessing, drop_path_rate, name:
+            as for `TwinsSVTSmall`.
+
+    Returns:
+        A `keras.Model`.
+    """
+    num_stages = len(embed_dims)
+    per_stage = dict(depths=depths, num_heads=num_heads, mlp_ratios=mlp_ratios,
+                     sr_ratios=sr_ratios)
+    if window_sizes is not None:
+        per_stage["window_sizes"] = window_sizes
+    for arg, values in per_stage.items():
+        if len(values) != num_stages:
+            raise ValueError(
+                f"`{arg}` must give one value per stage ({num_stages}, as "
+                f"`embed_dims`). Received: {arg}={values}"
+            )
+    _validate_arguments(weights, include_top, pooling)
+    input_shape = _input_shape(input_shape, input_tensor, include_top)
+
+    inputs = _input_layer(input_tensor, input_shape)
+    x = inputs
+    if include_preprocessing:
+        x = keras.layers.Normalization(
+            mean=[255.0 * m for m in variants.IMAGENET_MEAN],
+            variance=[(255.0 * s) ** 2 for s in variants.IMAGENET_STD],
+            name="preprocessing",
+        )(x)
+
+    # Stochastic depth grows linearly over all blocks of the network.
+    drop_path_rates = np.linspace(0.0, drop_path_rate, sum(depths)).tolist()
+    block_index = 0
+    for stage in range(num_stages):
+        x = PatchEmbedding(
+            embed_dims[stage], patch_size if stage == 0 else 2,
+            name=f"patch_embed_{stage}",
+        )(x)
+        for i in range(depths[stage]):
+            window_size = 1 if window_sizes is None or i % 2 else window_sizes[stage]
+            x = TransformerBlock(
+                embed_dims[stage],
+                num_heads[stage],
+                mlp_ratio=mlp_ratios[stage],
+                sr_ratio=sr_ratios[stage],
+                window_size=window_size,
+                drop_path_rate=drop_path_rates[block_index],
+                name=f"stage_{stage}_block_{i}",
+            )(x)
+            block_index += 1
+            if i == 0:
+                x = PositionalEncodingGenerator(name=f"pos_encoding_{stage}")(x)
+    x = keras.layers.LayerNormalization(epsilon=1e-6, name="norm")(x)
+
+    if include_top:
+        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        x = keras.layers.Dense(
+            classes, activation=classifier_activation, name="head"
+        )(x)
+    elif pooling == "avg":
+        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    elif pooling == "max":
+        x = keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
+
+    if input_tensor is not None:
+        inputs = keras.utils.get_source_inputs(input_tensor)
+    model = keras.Model(inputs, x, name=name)
+    if weights is not None:
+        load_weights(model, weights, include_top=include_top, classes=classes)
+    return model
+
+
+def _validate_arguments(weights, include_top, pooling):
+    if weights == "imagenet":
+        raise ValueError(
+            "Pretrained ImageNet weights are not available in this version of "
+            "keras_twins yet; pass the path of a converted `.weights.h5` or of "
+            "a timm / official Twins checkpoint (.safetensors, .pth) instead. "
+            f"Received: weights={weights!r}"
+        )
+    if weights is not None and not (
+        isinstance(weights, (str, os.PathLike)) and os.path.isfile(weights)
+    ):
+        raise ValueError(f"{_WEIGHTS_ERROR} Received: weights={weights!r}")
+    if not include_top and pooling not in (None, "avg", "max"):
+        raise ValueError(
+            "`pooling` must be one of None, 'avg' or 'max'. "
+            f"Received: pooling={pooling!r}"
+        )
+
+
+def _input_shape(input_shape, input_tensor, include_top):
+    """Defaults to 224x224 with the classifier and to any size without it,
+    as keras.applications does, then checks channels and minimum size."""
+    if input_shape is None and input_tensor is not None:
+        input_shape = tuple(input_tensor.shape[1:])
+    if input_shape is None:
+        size = variants.DEFAULT_IMAGE_SIZE if include_top else None
+        input_shape = (size, size, 3)
+    input_shape = tuple(input_shape)
+    if len(input_shape) != 3:
+        raise ValueError(
+            "`input_shape` must be (height, width, channels). "
+            f"Received: input_shape={input_shape}"
+        )
+    if input_shape[-1] != 3:
+        raise ValueError(
+            f"The input must have 3 channels; Received `input_shape={input_shape}`"
+        )
+    minimum = variants.MIN_IMAGE_SIZE
+    if any(side is not None and side < minimum for side in input_shape[:2]):
+        raise ValueError(
+            f"Input size must be at least {minimum}x{minimum}; "
+            f"Received: input_shape={input_shape}"
+        )
+    return input_shape
+
+
+def _input_layer(input_tensor, input_shape):
+    if input_tensor is None:
+        return keras.Input(shape=input_shape)
+    if keras.backend.is_keras_tensor(input_tensor):
+        return input_tensor
+    return keras.Input(tensor=input_tensor, shape=input_shape)
+
+
+def _variant(public_name, variant_name):
+    config = variants.get_variant(variant_name)["config"]
+
+    def constructor(include_top=True, weights=None, input_tensor=None,
+                    input_shape=None, pooling=None, classes=1000,
+                    classifier_activation="softmax", include_preprocessing=True,
+                    drop_path_rate=0.0, name=variant_name):
+        return Twins(
+            **config, include_top=include_top, weights=weights,
+            input_tensor=input_tensor, input_shape=input_shape, pooling=pooling,
+            classes=classes, classifier_activation=classifier_activation,
+            include_preprocessing=include_preprocessing,
+            drop_path_rate=drop_path_rate, name=name,
+        )
+
+    constructor.__name__ = constructor.__qualname__ = public_name
+    constructor.__doc__ = _DOCSTRING.format(variant=variant_name)
+    return constructor
+
+
+_DOCSTRING = """Instantiates the {variant} architecture.
+
+Reference: Chu et al., "Twins: Revisiting the Design of Spatial Attention in
+Vision Transformers", NeurIPS 2021 (https://arxiv.org/abs/2104.13840).
+
+The model works at any input size of at least 32x32 pixels. With
+`include_preprocessing=True` it takes RGB pixels in [0, 255] and normalizes
+them with the ImageNet mean and standard deviation itself.
+
+Args:
+    include_top: whether to include the classification head (final norm,
+        global average pooling, Dense).
+    weights: `None` (random initialization), `"imagenet"`, or the path of a
+        Keras `.weights.h5` file or of a PyTorch checkpoint of the same
+        variant (timm or official Twins; `.safetensors`, `.pth`, `.pt` or
+        `.bin`), converted on the fly.
+    input_tensor: optional Keras tensor to use as the image input.
+    input_shape: `(height, width, 3)`; `(224, 224, 3)` by default with the
+        head, `(None, None, 3)` without. A static shape gives a graph whose
+        shapes are all static.
+    pooling: with `include_top=False`: `None` (the normalized final feature
+        map, `(batch, H/32, W/32, channels)`), `"avg"` or `"max"`.
+    classes: number of classes of the head.
+    classifier_activation: activation of the head, `None` for logits.
+    include_preprocessing: whether the model normalizes [0, 255] inputs
+        itself (`True`) or expects already-normalized inputs, as timm.
+    drop_path_rate: stochastic depth rate, growing linearly over the blocks.
+    name: the model name.
+
+Returns:
+    A `keras.Model`.
+"""
+
+TwinsPCPVTSmall = _variant("TwinsPCPVTSmall", "twins_pcpvt_small")
+TwinsPCPVTBase = _variant("TwinsPCPVTBase", "twins_pcpvt_base")
+TwinsPCPVTLarge = _variant("TwinsPCPVTLarge", "twins_pcpvt_large")
+TwinsSVTSmall = _variant("TwinsSVTSmall", "twins_svt_small")
+TwinsSVTBase = _variant("TwinsSVTBase", "twins_svt_base")
+TwinsSVTLarge = _variant("TwinsSVTLarge", "twins_svt_large")

@@ -1,0 +1,71 @@
+"""The one table of Twins variants.
+
+Used by the constructors, the converter's variant detection, the README
+table and the demo. Architecture figures follow the paper (Chu et al., 2021,
+Tables 1-2) and timm's `twins.py`; the accuracy and compute figures are the
+published ones (official README / paper and timm's `results-imagenet.csv`).
+"""
+
+# ImageNet preprocessing used for training and evaluation by both references.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_IMAGE_SIZE = 224
+CROP_PCT = 0.9  # timm: resize the shorter side to int(224 / 0.9), crop 224.
+MIN_IMAGE_SIZE = 32  # stage 1 must keep >= 1 token after its 8x sub-sampling.
+
+SR_RATIOS = (8, 4, 2, 1)
+
+_PCPVT = dict(sr_ratios=SR_RATIOS, window_sizes=None, mlp_ratios=(8, 8, 4, 4))
+_SVT = dict(sr_ratios=SR_RATIOS, window_sizes=(7, 7, 7, 7), mlp_ratios=(4, 4, 4, 4))
+
+# name -> architecture (the keyword arguments of `keras_twins.Twins`) and
+# published figures: parameters, GFLOPs at 224 (paper/official README,
+# fvcore), ImageNet-1k top-1 (paper; timm's evaluation of the same weights).
+VARIANTS = {
+    "twins_pcpvt_small": dict(
+        config=dict(embed_dims=(64, 128, 320, 512), depths=(3, 4, 6, 3),
+                    num_heads=(1, 2, 5, 8), **_PCPVT),
+        params=24_106_216, paper_gflops=3.7, paper_top1=81.2, timm_top1=81.116,
+        drop_path_rate=0.2,
+    ),
+    "twins_pcpvt_base": dict(
+        config=dict(embed_dims=(64, 128, 320, 512), depths=(3, 4, 18, 3),
+                    num_heads=(1, 2, 5, 8), **_PCPVT),
+        params=43_828_456, paper_gflops=6.4, paper_top1=82.7, timm_top1=82.724,
+        drop_path_rate=0.3,
+    ),
+    "twins_pcpvt_large": dict(
+        config=dict(embed_dims=(64, 128, 320, 512), depths=(3, 8, 27, 3),
+                    num_heads=(1, 2, 5, 8), **_PCPVT),
+        params=60_989_672, paper_gflops=9.5, paper_top1=83.1, timm_top1=83.158,
+        drop_path_rate=0.5,
+    ),
+    "twins_svt_small": dict(
+        config=dict(embed_dims=(64, 128, 256, 512), depths=(2, 2, 10, 4),
+                    num_heads=(2, 4, 8, 16), **_SVT),
+        params=24_060_776, paper_gflops=2.8, paper_top1=81.7, timm_top1=81.694,
+        drop_path_rate=0.2,
+    ),
+    "twins_svt_base": dict(
+        config=dict(embed_dims=(96, 192, 384, 768), depths=(2, 2, 18, 2),
+                    num_heads=(3, 6, 12, 24), **_SVT),
+        params=56_070_952, paper_gflops=8.3, paper_top1=83.2, timm_top1=83.122,
+        drop_path_rate=0.3,
+    ),
+    "twins_svt_large": dict(
+        config=dict(embed_dims=(128, 256, 512, 1024), depths=(2, 2, 18, 2),
+                    num_heads=(4, 8, 16, 32), **_SVT),
+        params=99_271_400, paper_gflops=14.8, paper_top1=83.7, timm_top1=83.718,
+        drop_path_rate=0.5,
+    ),
+}
+
+
+def get_variant(name):
+    """Returns the table entry of `name`, with a clear error for unknown names."""
+    if name not in VARIANTS:
+        raise ValueError(
+            f"Unknown Twins variant {name!r}. Known variants: "
+            f"{', '.join(VARIANTS)}."
+        )
+    return VARIANTS[name]

@@ -1,0 +1,64 @@
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# torch (with timm and torchvision) must load before TensorFlow: the other
+# order crashes the process on import (a clash of their bundled libraries).
+import timm  # noqa: E402,F401
+import torch  # noqa: E402,F401
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+# A Twins small enough to build in a second; PCPVT when window_sizes is None.
+TINY = dict(
+    embed_dims=(8, 16, 24, 32),
+    depths=(1, 2, 1, 2),
+    num_heads=(1, 2, 3, 4),
+    mlp_ratios=(2, 2, 2, 2),
+    sr_ratios=(8, 4, 2, 1),
+    window_sizes=(7, 7, 7, 7),
+)
+TINY_PCPVT = {**TINY, "window_sizes": None}
+
+
+def max_error_within_tolerance(actual, reference):
+    """The parity criterion: max|a - r| <= 1e-5 * max(1, max|r|)."""
+    error = float(np.max(np.abs(actual - reference)))
+    bound = 1e-5 * max(1.0, float(np.max(np.abs(reference))))
+    return error <= bound, error, bound
+
+
+@pytest.fixture(scope="session")
+def random_reference(tmp_path_factory):
+    """timm models with random weights, saved as .pth and .safetensors.
+
+    LayerNorm scales and all biases are randomized too, so a weight that
+    lands in the wrong place (or a norm with the wrong epsilon) shows.
+    """
+    cache = {}
+
+    def make(variant, num_classes=1000):
+        key = (variant, num_classes)
+        if key in cache:
+            return cache[key]
+        import safetensors.torch
+        import timm
+        import torch
+
+        torch.manual_seed(len(cache))
+        model = timm.create_model(variant, pretrained=False, num_classes=num_classes)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if parameter.ndim == 1:
+                    offset = 1.0 if name.endswith("weight") and "norm" in name else 0.0
+                    parameter.copy_(torch.randn_like(parameter) * 0.5 + offset)
+        model.eval()
+        directory = tmp_path_factory.mktemp(f"{variant}_{num_classes}")
+        state_dict = {k: v.contiguous() for k, v in model.state_dict().items()}
+        torch.save(state_dict, directory / "model.pth")
+        safetensors.torch.save_file(state_dict, str(directory / "model.safetensors"))
+        cache[key] = (model, directory)
+        return cache[key]
+
+    return make

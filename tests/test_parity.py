@@ -1,0 +1,88 @@
+"""Numerical parity with timm, through the converter's command line."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import keras_twins
+from conftest import max_error_within_tolerance
+
+CONSTRUCTORS = {
+    "twins_pcpvt_small": keras_twins.TwinsPCPVTSmall,
+    "twins_pcpvt_base": keras_twins.TwinsPCPVTBase,
+    "twins_pcpvt_large": keras_twins.TwinsPCPVTLarge,
+    "twins_svt_small": keras_twins.TwinsSVTSmall,
+    "twins_svt_base": keras_twins.TwinsSVTBase,
+    "twins_svt_large": keras_twins.TwinsSVTLarge,
+}
+# 97x131 makes LSA pad at every stage (maps 24x32, 12x16, 6x8, 3x4);
+# neither non-square size is a multiple of 32.
+SIZES = [(224, 224), (97, 131), (200, 264)]
+
+
+def convert_with_cli(source, output):
+    result = subprocess.run(
+        [sys.executable, "-m", "weights_convert", str(source), "--output", str(output)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    return output
+
+
+@pytest.mark.parametrize("variant", list(CONSTRUCTORS))
+def test_logits_and_features_match_timm(variant, random_reference):
+    import torch
+
+    reference, directory = random_reference(variant)
+    from_pth = convert_with_cli(directory / "model.pth", directory / "pth.weights.h5")
+    from_safetensors = convert_with_cli(
+        directory / "model.safetensors", directory / "st.weights.h5"
+    )
+
+    constructor = CONSTRUCTORS[variant]
+    model = constructor(weights=str(from_safetensors), input_shape=(None, None, 3),
+                        include_preprocessing=False, classifier_activation=None)
+    same_from_pth = constructor(weights=str(from_pth), input_shape=(None, None, 3),
+                                include_preprocessing=False, classifier_activation=None)
+    for a, b in zip(model.get_weights(), same_from_pth.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    features = constructor(weights=str(from_safetensors), include_top=False,
+                           input_shape=(None, None, 3), include_preprocessing=False)
+
+    rng = np.random.default_rng(0)
+    for height, width in SIZES:
+        images = rng.standard_normal((2, 3, height, width)).astype(np.float32)
+        with torch.no_grad():
+            expected_logits = reference(torch.from_numpy(images)).numpy()
+            expected_features = reference.forward_features(torch.from_numpy(images)).numpy()
+        nhwc = images.transpose(0, 2, 3, 1)
+
+        logits = model.predict(nhwc, verbose=0)
+        ok, error, bound = max_error_within_tolerance(logits, expected_logits)
+        assert ok, f"{variant} {height}x{width} logits: max|diff| {error:.3g} > {bound:.3g}"
+
+        feature_map = features.predict(nhwc, verbose=0)
+        tokens = feature_map.reshape(2, -1, feature_map.shape[-1])
+        ok, error, bound = max_error_within_tolerance(tokens, expected_features)
+        assert ok, f"{variant} {height}x{width} features: max|diff| {error:.3g} > {bound:.3g}"
+
+
+def test_preprocessing_inside_the_model_matches_timm_normalization(random_reference):
+    """include_preprocessing=True on [0, 255] pixels == timm on mean/std-normalized input."""
+    import torch
+
+    reference, directory = random_reference("twins_svt_small")
+    model = keras_twins.TwinsSVTSmall(
+        weights=str(directory / "model.safetensors"), classifier_activation=None,
+        input_shape=(97, 131, 3),
+    )
+    pixels = np.random.default_rng(1).uniform(0, 255, (2, 97, 131, 3)).astype(np.float32)
+    mean = np.array(keras_twins.variants.IMAGENET_MEAN, np.float32)
+    std = np.array(keras_twins.variants.IMAGENET_STD, np.float32)
+    normalized = ((pixels / 255.0 - mean) / std).transpose(0, 3, 1, 2)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(np.ascontiguousarray(normalized))).numpy()
+    ok, error, bound = max_error_within_tolerance(model.predict(pixels, verbose=0), expected)
+    assert ok, f"max|diff| {error:.3g} > {bound:.3g}"

@@ -1,0 +1,40 @@
+"""Command line: python -m weights_convert SRC --output DST.weights.h5 [--variant NAME]."""
+
+import argparse
+import os
+import sys
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m weights_convert",
+        description="Convert a timm or official Twins checkpoint (.safetensors, "
+        ".pth, .pt, .bin) into a keras_twins .weights.h5 file.",
+    )
+    parser.add_argument("source", help="the PyTorch checkpoint")
+    parser.add_argument("--output", "-o", required=True,
+                        help="the Keras weights file to write (.weights.h5)")
+    parser.add_argument("--variant", help="e.g. twins_svt_small; detected "
+                        "from the tensor shapes when absent")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from weights_convert.convert import convert
+    from weights_convert.errors import ConversionError
+
+    try:
+        model = convert(args.source, args.output, variant=args.variant)
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    head = model.get_layer("head").units if "head" in [l.name for l in model.layers] else None
+    print(
+        f"{args.source} -> {args.output}: {model.name}, "
+        f"{model.count_params():,} parameters, "
+        + (f"{head} classes" if head else "no head")
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Reads PyTorch checkpoints into `{key: float32 numpy array}`.
+
+`.safetensors` is parsed here, with no torch and no code execution.
+Pickled formats (`.pth`, `.pt`, `.bin`, `.ckpt`) go through
+`torch.load(weights_only=True)`, which refuses any pickle that would run code;
+torch is imported only for them.
+"""
+
+import json
+import os
+
+import numpy as np
+
+from weights_convert.errors import ConversionError
+
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+SAFETENSORS_SUFFIX = ".safetensors"
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,  # widened to float32 below; numpy has no bfloat16.
+}
+
+
+def read_checkpoint(path):
+    """Returns the state dict of the checkpoint at `path` as float32 arrays.
+
+    Training checkpoints wrapped as `{"model": ...}` or `{"state_dict": ...}`
+    are unwrapped, and a DistributedDataParallel `module.` prefix is removed.
+
+    Raises:
+        ConversionError: the file is missing, truncated, not a checkpoint, or
+            a pickle that carries code.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConversionError(f"{path}: no such checkpoint file")
+    if path.endswith(SAFETENSORS_SUFFIX):
+        state_dict = read_safetensors(path)
+    elif path.endswith(PICKLE_SUFFIXES):
+        state_dict = _read_pickle(path)
+    else:
+        raise ConversionError(
+            f"{path}: unknown checkpoint format; expected one of "
+            f"{', '.join((SAFETENSORS_SUFFIX,) + PICKLE_SUFFIXES)}"
+        )
+    if not state_dict:
+        raise ConversionError(f"{path}: the checkpoint holds no tensors")
+    if all(key.startswith("module.") for key in state_dict):
+        state_dict = {key[len("module."):]: value for key, value in state_dict.items()}
+    return state_dict
+
+
+def read_safetensors_header(path):
+    """Parses and checks the header of a safetensors file.
+
+    Returns:
+        `(header, data_start, file_size)`: `header` maps tensor names to
+        `{"dtype", "shape", "data_offsets"}`; offsets are relative to
+        `data_start`.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ConversionError(f"{path}: not a safetensors file (only {size} bytes)")
+        header_size = int.from_bytes(prefix, "little")
+        if header_size > size - 8:
+            raise ConversionError(
+                f"{path}: not a safetensors file, or truncated: the header "
+                f"claims {header_size} bytes but the file has {size}"
+            )
+        try:
+            header = json.loads(f.read(header_size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ConversionError(
+                f"{path}: not a safetensors file (unreadable header: {error})"
+            ) from None
+    if not isinstance(header, dict):
+        raise ConversionError(f"{path}: not a safetensors file (header is not a mapping)")
+    header.pop("__metadata__", None)
+    data_start = 8 + header_size
+    for name, info in header.items():
+        try:
+            dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except KeyError:
+            raise ConversionError(
+                f"{path}: tensor {name!r} has an unsupported or missing dtype "
+                f"({info.get('dtype') if isinstance(info, dict) else info!r}); "
+                "expected floating point weights"
+            ) from None
+        except (TypeError, ValueError):
+            raise ConversionError(f"{path}: malformed header entry for {name!r}") from None
+        if end - begin != int(np.prod(shape)) * dtype.itemsize or begin > end:
+            raise ConversionError(
+                f"{path}: tensor {name!r} of shape {list(shape)} does not fit "
+                f"its byte range {begin}..{end}"
+            )
+        if data_start + end > size:
+            raise ConversionError(
+                f"{path}: truncated: tensor {name!r} ends at byte "
+                f"{data_start + end} but the file has {size}"
+            )
+    return header, data_start, size
+
+
+def read_safetensors(path):
+    header, data_start, _ = read_safetensors_header(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    state_dict = {}
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        raw = data[data_start + begin:data_start + end]
+        array = raw.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+        if info["dtype"] == "BF16":
+            array = (array.astype(np.uint32) << 16).view(np.float32)
+        state_dict[name] = np.array(array, dtype=np.float32)
+    return state_dict
+
+
+def _read_pickle(path):
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError(
+            f"{path}: reading pickled PyTorch checkpoints needs torch "
+            "(pip install torch); .safetensors files need no torch"
+        ) from None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for bad files.
+        message = str(error)
+        if "Weights only load failed" in message:
+            raise ConversionError(
+                f"{path}: refused: the pickle holds code or objects other than "
+                "tensors, and was not run (torch.load weights_only=True)"
+            ) from None
+        first_line = message.strip().splitlines()[0] if message.strip() else type(error).__name__
+        raise ConversionError(
+            f"{path}: not a readable PyTorch checkpoint (truncated or another "
+            f"format): {first_line}"
+        ) from None
+    for wrapper in ("model", "state_dict"):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(wrapper), dict):
+            checkpoint = checkpoint[wrapper]
+            break
+    if not isinstance(checkpoint, dict):
+        raise ConversionError(
+            f"{path}: expected a state dict (a mapping of names to tensors), "
+            f"found {type(checkpoint).__name__}"
+        )
+    state_dict = {}
+    for name, value in checkpoint.items():
+        if not isinstance(value, torch.Tensor):
+            raise ConversionError(
+                f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor"
+            )
+        state_dict[name] = value.detach().to(torch.float32).cpu().numpy()
+    return state_dict

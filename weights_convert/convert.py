@@ -1,0 +1,121 @@
+"""Converting reference checkpoints into Keras models and `.weights.h5` files."""
+
+import os
+import tempfile
+
+from weights_convert.checkpoint import read_checkpoint
+from weights_convert.errors import ConversionError
+from weights_convert.mapping import assign_state_dict
+
+KERAS_WEIGHTS_SUFFIX = ".weights.h5"
+
+
+def detect_variant(state_dict, source="checkpoint"):
+    """Names the variant of `keras_twins.VARIANTS` whose shapes the state dict has.
+
+    Heads are not part of the signature: the number of heads cannot be read
+    from shapes, so the architecture must be one of the table's.
+    """
+    from keras_twins.variants import VARIANTS
+
+    found = _signature(state_dict)
+    for name, entry in VARIANTS.items():
+        config = entry["config"]
+        if found == (
+            tuple(config["embed_dims"]),
+            tuple(config["depths"]),
+            tuple(int(d * r) for d, r in zip(config["embed_dims"], config["mlp_ratios"])),
+            config["window_sizes"] is not None,
+        ):
+            return name
+    embed_dims, depths, _, _ = found
+    raise ConversionError(
+        f"{source}: no Twins variant has these shapes (embed dims {list(embed_dims)}, "
+        f"depths {list(depths)}); pass --variant NAME to name one of "
+        f"{', '.join(VARIANTS)}"
+    )
+
+
+def _signature(state_dict):
+    embed_dims, depths, hidden_dims = [], [], []
+    stage = 0
+    while f"patch_embeds.{stage}.proj.weight" in state_dict:
+        embed_dims.append(state_dict[f"patch_embeds.{stage}.proj.weight"].shape[0])
+        depth = 0
+        while f"blocks.{stage}.{depth}.norm1.weight" in state_dict:
+            depth += 1
+        depths.append(depth)
+        fc1 = state_dict.get(f"blocks.{stage}.0.mlp.fc1.weight")
+        hidden_dims.append(None if fc1 is None else fc1.shape[0])
+        stage += 1
+    has_windows = "blocks.0.0.attn.qkv.weight" in state_dict
+    return tuple(embed_dims), tuple(depths), tuple(hidden_dims), has_windows
+
+
+def build_model_for(state_dict, variant=None, source="checkpoint"):
+    """A Keras model with the variant and head of the checkpoint, weights loaded."""
+    from keras_twins import Twins
+    from keras_twins.variants import get_variant
+
+    if variant is None:
+        variant = detect_variant(state_dict, source)
+    try:
+        config = get_variant(variant)["config"]
+    except ValueError as error:
+        raise ConversionError(str(error)) from None
+    include_top = "head.weight" in state_dict
+    classes = state_dict["head.weight"].shape[0] if include_top else 1000
+    model = Twins(**config, include_top=include_top, classes=classes,
+                  input_shape=(None, None, 3), name=variant)
+    assign_state_dict(model, state_dict, source, include_top=include_top)
+    return model
+
+
+def convert(source, output, variant=None):
+    """Converts the checkpoint at `source` into the Keras weights file `output`.
+
+    The file is written under a temporary name and renamed at the end, so a
+    failure never leaves a partial or stale file at `output`.
+
+    Returns:
+        The Keras model the weights belong to.
+    """
+    output = os.fspath(output)
+    if not output.endswith(KERAS_WEIGHTS_SUFFIX):
+        raise ConversionError(
+            f"the output must end in {KERAS_WEIGHTS_SUFFIX}. Received: {output}"
+        )
+    directory = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(directory):
+        raise ConversionError(f"{output}: the output directory does not exist")
+    state_dict = read_checkpoint(source)
+    model = build_model_for(state_dict, variant, source=os.fspath(source))
+    handle, temporary = tempfile.mkstemp(
+        prefix=".", suffix=KERAS_WEIGHTS_SUFFIX, dir=directory
+    )
+    os.close(handle)
+    try:
+        model.save_weights(temporary, overwrite=True)
+        os.replace(temporary, output)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    return model
+
+
+def load_checkpoint_into_model(model, path, include_top=True, classes=None):
+    """Converts a reference checkpoint on the fly into an already-built model.
+
+    Raises:
+        ValueError: the checkpoint does not fit the model, naming what differs.
+    """
+    state_dict = read_checkpoint(path)
+    head = state_dict.get("head.weight")
+    if include_top and head is not None and classes is not None and head.shape[0] != classes:
+        raise ValueError(
+            f"The checkpoint {os.fspath(path)} has a head of {head.shape[0]} "
+            f"classes; pass `classes={head.shape[0]}`, or `include_top=False` "
+            f"to drop the head. Received: classes={classes}"
+        )
+    assign_state_dict(model, state_dict, os.fspath(path), include_top=include_top)

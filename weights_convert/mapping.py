@@ -1,0 +1,99 @@
+"""Keras weight paths <-> reference state-dict keys, and tensor layouts.
+
+The only place that speaks PyTorch names: timm and the official Twins
+repository share the same keys (`patch_embeds.0.proj.weight`,
+`blocks.2.3.attn.kv.bias`, `pos_block.1.proj.0.weight`, ...).
+"""
+
+import re
+
+import numpy as np
+
+from weights_convert.errors import ConversionError
+
+HEAD_KEYS = ("head.weight", "head.bias")
+
+_INDEXED_SEGMENTS = (
+    (re.compile(r"^patch_embed_(\d+)$"), r"patch_embeds.\1"),
+    (re.compile(r"^stage_(\d+)_block_(\d+)$"), r"blocks.\1.\2"),
+    (re.compile(r"^pos_encoding_(\d+)$"), r"pos_block.\1"),
+)
+_RENAMED_SEGMENTS = {
+    "attention": "attn",
+    "projection": "proj",
+    "query": "q",
+    "key_value": "kv",
+    "subsample": "sr",
+    "subsample_norm": "norm",
+    "depthwise": "proj.0",  # the reference wraps its PEG conv in nn.Sequential
+    "kernel": "weight",
+    "gamma": "weight",
+    "beta": "bias",
+}
+
+
+def reference_key(keras_path):
+    """`stage_2_block_3/attention/key_value/kernel` -> `blocks.2.3.attn.kv.weight`."""
+    segments = []
+    for segment in keras_path.split("/"):
+        for pattern, replacement in _INDEXED_SEGMENTS:
+            if pattern.match(segment):
+                segment = pattern.sub(replacement, segment)
+                break
+        else:
+            segment = _RENAMED_SEGMENTS.get(segment, segment)
+        segments.append(segment)
+    return ".".join(segments)
+
+
+def _permutation(keras_path, rank):
+    """Axis permutation that takes the PyTorch layout to the Keras layout."""
+    if rank == 4:
+        # depthwise [C, 1, kh, kw] -> [kh, kw, C, 1]; conv [O, I, kh, kw] -> [kh, kw, I, O]
+        return (2, 3, 0, 1) if "/depthwise/" in keras_path else (2, 3, 1, 0)
+    if rank == 2:
+        return (1, 0)  # Linear [out, in] -> Dense [in, out]
+    return tuple(range(rank))
+
+
+def assign_state_dict(model, state_dict, source, include_top=True):
+    """Assigns reference weights to `model`, strictly.
+
+    Every Keras weight must be found, and every checkpoint tensor used
+    (the head's tensors are skipped when `include_top` is False). Nothing is
+    assigned unless everything fits.
+
+    Raises:
+        ConversionError: naming the key and the shapes that differ.
+    """
+    expected = {reference_key(v.path): v for v in model.weights}
+    available = set(state_dict)
+    if not include_top:
+        available -= set(HEAD_KEYS)
+    missing = sorted(set(expected) - available)
+    if missing:
+        raise ConversionError(
+            f"{source}: missing key {missing[0]!r} for {model.name}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + "; is it a checkpoint of another variant?"
+        )
+    unexpected = sorted(available - set(expected))
+    if unexpected:
+        raise ConversionError(
+            f"{source}: unexpected key {unexpected[0]!r} for {model.name}"
+            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+            + "; is it a checkpoint of another variant?"
+        )
+    arrays = []
+    for key, variable in expected.items():
+        tensor = state_dict[key]
+        permutation = _permutation(variable.path, len(variable.shape))
+        expected_shape = [variable.shape[i] for i in np.argsort(permutation)]
+        if list(tensor.shape) != expected_shape:
+            raise ConversionError(
+                f"{source}: shape mismatch for {key!r}: checkpoint has "
+                f"{list(tensor.shape)}, {model.name} expects {expected_shape}"
+            )
+        arrays.append((variable, np.transpose(tensor, permutation)))
+    for variable, array in arrays:
+        variable.assign(array)
