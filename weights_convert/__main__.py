@@ -1,7 +1,6 @@
 """Command line: python -m weights_convert SRC --output DST.weights.h5 [--variant NAME]."""
 
 import argparse
-import os
 import sys
 
 
@@ -18,12 +17,14 @@ def main(argv=None):
                         "from the tensor shapes when absent")
     args = parser.parse_args(argv)
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from weights_convert.convert import convert
+    from weights_convert.console import quiet_native_logs
     from weights_convert.errors import ConversionError
 
     try:
-        model = convert(args.source, args.output, variant=args.variant)
+        with quiet_native_logs():
+            from weights_convert.convert import convert
+
+            model = convert(args.source, args.output, variant=args.variant)
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

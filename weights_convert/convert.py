@@ -88,19 +88,25 @@ def convert(source, output, variant=None):
     directory = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(directory):
         raise ConversionError(f"{output}: the output directory does not exist")
+    if not os.access(directory, os.W_OK):
+        raise ConversionError(f"{output}: the output directory is not writable")
     state_dict = read_checkpoint(source)
     model = build_model_for(state_dict, variant, source=os.fspath(source))
-    handle, temporary = tempfile.mkstemp(
-        prefix=".", suffix=KERAS_WEIGHTS_SUFFIX, dir=directory
-    )
+    try:
+        handle, temporary = tempfile.mkstemp(
+            prefix=".", suffix=KERAS_WEIGHTS_SUFFIX, dir=directory
+        )
+    except OSError as error:
+        raise ConversionError(f"{output}: cannot write there ({error.strerror})") from None
     os.close(handle)
     try:
         model.save_weights(temporary, overwrite=True)
         os.replace(temporary, output)
-    except BaseException:
+    except OSError as error:
+        raise ConversionError(f"{output}: could not write ({error})") from None
+    finally:
         if os.path.exists(temporary):
             os.remove(temporary)
-        raise
     return model
 
 

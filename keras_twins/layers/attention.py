@@ -63,7 +63,13 @@ class MultiHeadAttentionCore(keras.layers.Layer):
         # Keys go straight to (batch, heads, head_dim, n_key): no later k^T.
         key = self._split_heads(key, (0, 2, 3, 1))
         value = self._split_heads(value, (0, 2, 1, 3))
-        weights = ops.softmax(ops.matmul(query, key), axis=-1)
+        scores = ops.matmul(query, key)
+        if key.shape[-1] == 1:
+            # One key (GSA on a map smaller than its sub-sampling window):
+            # the softmax is exactly 1, so skip it and Keras' warning about it.
+            weights = ops.ones_like(scores)
+        else:
+            weights = ops.softmax(scores, axis=-1)
         weights = self.attention_dropout_layer(weights, training=training)
         out = ops.transpose(ops.matmul(weights, value), (0, 2, 1, 3))
         return ops.reshape(out, (-1, n_query, self.dim))

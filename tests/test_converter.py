@@ -1,0 +1,204 @@
+"""The converter refuses every damaged checkpoint cleanly and never leaves a file."""
+
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+
+import keras_twins
+from weights_convert import ConversionError
+from weights_convert import read_checkpoint
+
+VARIANT = "twins_svt_small"
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "weights_convert", *map(str, args)],
+        capture_output=True, text=True, timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def state_dict(random_reference):
+    _, directory = random_reference(VARIANT)
+    return read_checkpoint(directory / "model.safetensors")
+
+
+class Evil:
+    """Unpickling this creates a directory: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _damaged(kind, state_dict, random_reference, directory):
+    """Writes a damaged checkpoint; returns its path and a word the error must name."""
+    _, source = random_reference(VARIANT)
+    if kind == "missing_key":
+        damaged = dict(state_dict)
+        del damaged["blocks.2.3.attn.kv.weight"]
+        path = directory / "missing.safetensors"
+        safetensors.numpy.save_file(damaged, str(path))
+        return path, "blocks.2.3.attn.kv.weight"
+    if kind == "unexpected_key":
+        damaged = {**state_dict, "blocks.2.3.attn.extra.weight": np.zeros(3, np.float32)}
+        path = directory / "unexpected.safetensors"
+        safetensors.numpy.save_file(damaged, str(path))
+        return path, "blocks.2.3.attn.extra.weight"
+    if kind == "shape_mismatch":
+        damaged = {**state_dict, "blocks.2.3.attn.proj.weight": np.zeros((256, 255), np.float32)}
+        path = directory / "shape.pth"
+        torch.save({k: torch.from_numpy(v) for k, v in damaged.items()}, path)
+        return path, "[256, 255]"
+    if kind in ("truncated_safetensors", "truncated_pth"):
+        suffix = "safetensors" if kind == "truncated_safetensors" else "pth"
+        data = (source / f"model.{suffix}").read_bytes()
+        path = directory / f"truncated.{suffix}"
+        path.write_bytes(data[: len(data) // 2])
+        return path, "truncated"
+    if kind == "not_a_checkpoint_pth":
+        path = directory / "notes.pth"
+        path.write_text("these are not weights\n")
+        return path, "notes.pth"
+    if kind == "not_a_checkpoint_safetensors":
+        path = directory / "notes.safetensors"
+        path.write_bytes(os.urandom(4096))
+        return path, "notes.safetensors"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", [
+    "missing_key", "unexpected_key", "shape_mismatch", "truncated_safetensors",
+    "truncated_pth", "not_a_checkpoint_pth", "not_a_checkpoint_safetensors",
+])
+def test_damaged_checkpoint_is_refused_with_one_line_and_no_output(
+        kind, state_dict, random_reference, tmp_path):
+    path, named = _damaged(kind, state_dict, random_reference, tmp_path)
+    output = tmp_path / "out.weights.h5"
+    result = run_cli(path, "--output", output)
+    assert result.returncode != 0
+    message = result.stderr.strip()
+    assert "Traceback" not in message
+    assert len(message.splitlines()) == 1, message
+    assert named in message, message
+    assert not output.exists()
+    assert [p.name for p in tmp_path.iterdir() if "weights.h5" in p.name] == []
+
+
+def test_failed_conversion_leaves_an_existing_output_untouched(
+        state_dict, random_reference, tmp_path):
+    path, _ = _damaged("shape_mismatch", state_dict, random_reference, tmp_path)
+    output = tmp_path / "kept.weights.h5"
+    output.write_bytes(b"previous good file")
+    assert run_cli(path, "--output", output).returncode != 0
+    assert output.read_bytes() == b"previous good file"
+
+
+@pytest.mark.parametrize("format", ["zip", "legacy_pickle"])
+def test_code_carrying_pickle_does_not_run(format, tmp_path):
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "evil.pth"
+    payload = {"patch_embeds.0.proj.weight": Evil(str(marker))}
+    if format == "zip":
+        torch.save(payload, path)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump(payload, f)
+    output = tmp_path / "out.weights.h5"
+    result = run_cli(path, "--output", output)
+    assert result.returncode != 0
+    assert "refused" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not marker.exists(), "unpickling ran code"
+    assert not output.exists()
+
+
+def test_wrapped_checkpoint_with_fine_tuned_head_converts_and_detects_variant(
+        state_dict, tmp_path):
+    head = {"head.weight": np.ones((10, 512), np.float32), "head.bias": np.zeros(10, np.float32)}
+    wrapped = {"model": {k: torch.from_numpy(v) for k, v in {**state_dict, **head}.items()},
+               "epoch": 3}
+    path = tmp_path / "finetuned.pth"
+    torch.save(wrapped, path)
+    output = tmp_path / "finetuned.weights.h5"
+    result = run_cli(path, "--output", output)
+    assert result.returncode == 0, result.stderr
+    assert VARIANT in result.stdout and "10 classes" in result.stdout
+
+    model = keras_twins.TwinsSVTSmall(weights=str(output), classes=10)
+    np.testing.assert_array_equal(model.get_layer("head").kernel.numpy(), head["head.weight"].T)
+    # The checkpoint itself loads on the fly too, and names the class count.
+    with pytest.raises(ValueError, match="classes=10"):
+        keras_twins.TwinsSVTSmall(weights=str(path), classes=1000)
+    features = keras_twins.TwinsSVTSmall(weights=str(path), include_top=False)
+    assert features.output.shape[-1] == 512
+
+
+def test_variant_flag_for_another_variant_is_refused(random_reference, tmp_path):
+    _, directory = random_reference(VARIANT)
+    output = tmp_path / "x.weights.h5"
+    result = run_cli(directory / "model.safetensors", "--output", output,
+                     "--variant", "twins_pcpvt_small")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "key" in result.stderr and not output.exists()
+
+
+def test_unknown_variant_name_and_bad_output_suffix(random_reference, tmp_path):
+    _, directory = random_reference(VARIANT)
+    result = run_cli(directory / "model.safetensors", "--output", tmp_path / "x.weights.h5",
+                     "--variant", "twins_svt_tiny")
+    assert result.returncode != 0 and "twins_svt_tiny" in result.stderr
+    result = run_cli(directory / "model.safetensors", "--output", tmp_path / "x.h5")
+    assert result.returncode != 0 and ".weights.h5" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unrecognized_architecture_asks_for_variant(state_dict):
+    from weights_convert import detect_variant
+
+    damaged = {k: v for k, v in state_dict.items() if not k.startswith("blocks.2.9.")}
+    with pytest.raises(ConversionError, match="--variant"):
+        detect_variant(damaged)
+
+
+def test_bfloat16_and_float16_safetensors_are_read(tmp_path):
+    values = torch.randn(4, 3)
+    path = tmp_path / "half.safetensors"
+    import safetensors.torch
+
+    safetensors.torch.save_file(
+        {"a": values.to(torch.bfloat16), "b": values.to(torch.float16)}, str(path)
+    )
+    loaded = read_checkpoint(path)
+    np.testing.assert_array_equal(loaded["a"], values.to(torch.bfloat16).float().numpy())
+    np.testing.assert_array_equal(loaded["b"], values.to(torch.float16).float().numpy())
+
+
+def test_safetensors_conversion_never_imports_torch(random_reference, tmp_path):
+    _, directory = random_reference(VARIANT)
+    output = tmp_path / "no_torch.weights.h5"
+    script = (
+        "import sys\n"
+        "class NoTorch:\n"  # behaves as if torch were not installed
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'torch':\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        "from weights_convert.__main__ import main\n"
+        f"code = main([{str(directory / 'model.safetensors')!r}, '--output', {str(output)!r}])\n"
+        "assert 'torch' not in sys.modules\n"
+        "sys.exit(code)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert output.exists()

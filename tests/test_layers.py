@@ -1,0 +1,83 @@
+"""Each public layer: serialization, shapes, and the ops it compiles to."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras
+from keras_twins import layers
+
+LAYERS = [
+    (layers.PatchEmbedding(16, 4), (2, 33, 47, 3)),
+    (layers.PositionalEncodingGenerator(), (2, 9, 11, 16)),
+    (layers.LocallyGroupedSelfAttention(16, 2, window_size=7), (2, 9, 11, 16)),
+    (layers.GlobalSubsampledAttention(16, 2, sr_ratio=4), (2, 9, 11, 16)),
+    (layers.GlobalSubsampledAttention(16, 2, sr_ratio=1), (2, 9, 11, 16)),
+    (layers.MLP(16, 40), (2, 9, 11, 16)),
+    (layers.StochasticDepth(0.3), (2, 9, 11, 16)),
+    (layers.TransformerBlock(16, 2, window_size=7, drop_path_rate=0.1), (2, 9, 11, 16)),
+    (layers.TransformerBlock(16, 2, sr_ratio=2), (2, 9, 11, 16)),
+]
+
+
+@pytest.mark.parametrize("layer, shape", LAYERS, ids=lambda v: type(v).__name__)
+def test_layer_serializes_and_rebuilds_identically(layer, shape):
+    x = np.random.default_rng(0).standard_normal(shape).astype("float32")
+    y = layer(x)
+    assert tuple(y.shape) == tuple(layer.compute_output_shape(shape))
+    config = keras.saving.serialize_keras_object(layer)
+    clone = keras.saving.deserialize_keras_object(config)
+    clone(x)
+    clone.set_weights(layer.get_weights())
+    np.testing.assert_array_equal(clone(x), y)
+    assert clone.get_config() == layer.get_config()
+
+
+FORBIDDEN = {"Roll", "Gather", "GatherV2", "GatherNd", "Einsum", "ExtractImagePatches",
+             "ScatterNd", "Shape", "Pack", "Prod"}
+ALLOWED_ATTENTION_CORE = {"Reshape", "Transpose", "BatchMatMulV2", "Softmax"}
+
+
+@pytest.mark.parametrize("layer", [
+    layers.LocallyGroupedSelfAttention(16, 2, window_size=7),
+    layers.GlobalSubsampledAttention(16, 2, sr_ratio=4),
+], ids=lambda v: type(v).__name__)
+def test_attention_uses_only_reshape_transpose_matmul_softmax(layer):
+    function = tf.function(lambda x: layer(x))
+    graph = function.get_concrete_function(tf.TensorSpec((1, 9, 11, 16))).graph
+    types = {op.type for op in graph.get_operations()}
+    assert not types & FORBIDDEN, types & FORBIDDEN
+    assert ALLOWED_ATTENTION_CORE <= types
+    # Anything else comes from Dense/Conv/LayerNorm, padding, crop and the q/k/v split.
+    others = types - ALLOWED_ATTENTION_CORE - {
+        "Placeholder", "ReadVariableOp", "Const", "Identity", "NoOp", "MatMul",
+        "BiasAdd", "AddV2", "Add", "Mul", "Pad", "PadV2", "StridedSlice", "Split",
+        "SplitV", "Conv2D", "Mean", "SquaredDifference", "Sub", "Rsqrt", "Square",
+        "StopGradient", "Cast", "Tensordot", "RealDiv", "Sqrt", "Maximum", "Neg", "Squeeze",
+    }
+    assert not others, others
+
+
+def test_locally_grouped_attention_is_local():
+    """A change inside one 7x7 window leaves every other window's output alone."""
+    layer = layers.LocallyGroupedSelfAttention(8, 2, window_size=7)
+    x = np.random.default_rng(1).standard_normal((1, 14, 14, 8)).astype("float32")
+    changed = x.copy()
+    changed[0, 2, 3] += 1.0
+    difference = np.abs(layer(changed) - layer(x)).max(axis=-1)[0]
+    assert difference[:7, :7].max() > 0
+    difference[:7, :7] = 0
+    assert difference.max() == 0
+
+
+def test_stochastic_depth_drops_whole_samples_only_in_training():
+    layer = layers.StochasticDepth(0.5, seed=3)
+    x = np.ones((400, 2, 2, 3), "float32")
+    np.testing.assert_array_equal(layer(x, training=False), x)
+    y = np.asarray(layer(x, training=True))
+    per_sample = y.reshape(400, -1)
+    assert set(np.unique(per_sample)) <= {0.0, 2.0}
+    assert (per_sample.min(1) == per_sample.max(1)).all()
+    assert 0.35 < (per_sample[:, 0] == 0).mean() < 0.65
+    with pytest.raises(ValueError, match="Received: rate=1.0"):
+        layers.StochasticDepth(1.0)

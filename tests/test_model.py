@@ -1,0 +1,140 @@
+"""The builder and the six constructors: sizes, arguments, shapes, saving."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras
+import keras_twins
+from conftest import TINY
+from conftest import TINY_PCPVT
+
+EXPECTED_PARAMETERS = {
+    keras_twins.TwinsPCPVTSmall: 24_106_216,
+    keras_twins.TwinsPCPVTBase: 43_828_456,
+    keras_twins.TwinsPCPVTLarge: 60_989_672,
+    keras_twins.TwinsSVTSmall: 24_060_776,
+    keras_twins.TwinsSVTBase: 56_070_952,
+    keras_twins.TwinsSVTLarge: 99_271_400,
+}
+
+
+@pytest.mark.parametrize("constructor", list(EXPECTED_PARAMETERS), ids=lambda c: c.__name__)
+def test_parameter_counts_are_exact(constructor):
+    model = constructor()
+    assert model.count_params() == EXPECTED_PARAMETERS[constructor]
+    assert model.name == constructor().name  # deterministic default names
+    assert model.output.shape == (None, 1000)
+
+
+def test_variant_table_figures_agree_with_the_models():
+    for constructor, expected in EXPECTED_PARAMETERS.items():
+        assert keras_twins.VARIANTS[constructor().name]["params"] == expected
+
+
+@pytest.mark.parametrize("config", [TINY, TINY_PCPVT], ids=["svt", "pcpvt"])
+@pytest.mark.parametrize("size", [(32, 32), (33, 47), (97, 131), (224, 224), (200, 264), (600, 800)])
+def test_any_input_size(config, size):
+    model = keras_twins.Twins(**config, classes=7, input_shape=size + (3,))
+    images = np.random.default_rng(0).uniform(0, 255, (2,) + size + (3,)).astype("float32")
+    probabilities = model.predict(images, verbose=0)
+    assert probabilities.shape == (2, 7)
+    np.testing.assert_allclose(probabilities.sum(-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config", [TINY, TINY_PCPVT], ids=["svt", "pcpvt"])
+def test_static_input_shape_gives_an_all_static_graph(config):
+    model = keras_twins.Twins(**config, input_shape=(97, 131, 3))
+    for layer in model.layers:
+        assert None not in layer.output.shape[1:], layer.name
+    function = tf.function(lambda x: model(x, training=False))
+    graph = function.get_concrete_function(tf.TensorSpec((1, 97, 131, 3))).graph
+    dynamic = {op.type for op in graph.get_operations()} & {"Shape", "Pack", "Prod"}
+    assert not dynamic, f"shape arithmetic at run time: {dynamic}"
+    for op in graph.get_operations():
+        for tensor in op.outputs:
+            if tensor.dtype != tf.resource:
+                assert tensor.shape.is_fully_defined(), (op.name, tensor.shape)
+
+
+def test_dynamic_feature_extractor_with_pooling_at_several_sizes():
+    model = keras_twins.Twins(**TINY, include_top=False, input_shape=(None, None, 3),
+                              pooling="avg")
+    maps = keras_twins.Twins(**TINY, include_top=False)
+    assert maps.input.shape == (None, None, None, 3)
+    for size in [(32, 32), (64, 96), (97, 131), (250, 180)]:
+        images = np.random.default_rng(1).uniform(0, 255, (1,) + size + (3,)).astype("float32")
+        assert model.predict(images, verbose=0).shape == (1, 32)
+        assert maps.predict(images, verbose=0).shape == (1, size[0] // 32, size[1] // 32, 32)
+    max_pooled = keras_twins.Twins(**TINY, include_top=False, pooling="max")
+    assert max_pooled.output.shape == (None, 32)
+
+
+@pytest.mark.parametrize("config", [TINY, TINY_PCPVT], ids=["svt", "pcpvt"])
+def test_keras_file_round_trip_gives_identical_outputs(config, tmp_path):
+    model = keras_twins.Twins(**config, classes=5, drop_path_rate=0.1,
+                              input_shape=(None, None, 3))
+    images = np.random.default_rng(2).uniform(0, 255, (2, 97, 131, 3)).astype("float32")
+    expected = model.predict(images, verbose=0)
+    model.save(tmp_path / "m.keras")
+    restored = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_array_equal(restored.predict(images, verbose=0), expected)
+    assert restored.get_layer("stage_1_block_1").drop_path_rate == model.get_layer(
+        "stage_1_block_1").drop_path_rate
+
+
+def test_weights_file_round_trip_with_and_without_head(tmp_path):
+    model = keras_twins.Twins(**TINY, classes=5)
+    model.save_weights(tmp_path / "tiny.weights.h5")
+    images = np.random.default_rng(3).uniform(0, 255, (1, 224, 224, 3)).astype("float32")
+    reloaded = keras_twins.Twins(**TINY, classes=5, weights=str(tmp_path / "tiny.weights.h5"))
+    np.testing.assert_array_equal(reloaded.predict(images, verbose=0),
+                                  model.predict(images, verbose=0))
+    headless = keras_twins.Twins(**TINY, include_top=False,
+                                 weights=str(tmp_path / "tiny.weights.h5"))
+    np.testing.assert_array_equal(headless.get_layer("norm").gamma.numpy(),
+                                  model.get_layer("norm").gamma.numpy())
+    with pytest.raises(ValueError, match="tiny.weights.h5"):
+        keras_twins.Twins(**TINY_PCPVT, weights=str(tmp_path / "tiny.weights.h5"))
+
+
+def test_include_preprocessing_false_takes_normalized_input():
+    with_preprocessing = keras_twins.Twins(**TINY, input_shape=(64, 64, 3))
+    without = keras_twins.Twins(**TINY, input_shape=(64, 64, 3), include_preprocessing=False)
+    without.set_weights(with_preprocessing.get_weights())
+    pixels = np.random.default_rng(4).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    mean = np.array(keras_twins.variants.IMAGENET_MEAN) * 255
+    std = np.array(keras_twins.variants.IMAGENET_STD) * 255
+    np.testing.assert_allclose(
+        without.predict(((pixels - mean) / std).astype("float32"), verbose=0),
+        with_preprocessing.predict(pixels, verbose=0), atol=1e-6,
+    )
+
+
+def test_input_tensor_is_used():
+    tensor = keras.Input(shape=(64, 80, 3))
+    model = keras_twins.Twins(**TINY, include_top=False, input_tensor=tensor)
+    assert model.inputs[0] is tensor
+    assert model.output.shape == (None, 2, 2, 32)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(weights="nowhere/model.safetensors"), "Received: weights='nowhere/model.safetensors'"),
+    (dict(weights=3), "Received: weights=3"),
+    (dict(weights="imagenet"), "Received: weights='imagenet'"),
+    (dict(input_shape=(224, 224, 1)), "3 channels; Received `input_shape=(224, 224, 1)`"),
+    (dict(input_shape=(31, 224, 3)), "at least 32x32; Received: input_shape=(31, 224, 3)"),
+    (dict(input_shape=(224, 3)), "Received: input_shape=(224, 3)"),
+    (dict(include_top=False, pooling="mean"), "Received: pooling='mean'"),
+])
+def test_argument_errors_name_the_argument_and_value(kwargs, message):
+    with pytest.raises(ValueError) as error:
+        keras_twins.TwinsSVTSmall(**kwargs)
+    assert message in str(error.value)
+
+
+def test_config_lengths_are_checked():
+    with pytest.raises(ValueError, match=r"Received: depths=\(1, 2\)"):
+        keras_twins.Twins(**{**TINY, "depths": (1, 2)})
+    with pytest.raises(ValueError, match="multiple of `num_heads`"):
+        keras_twins.Twins(**{**TINY, "num_heads": (3, 2, 3, 4)})
