@@ -20,21 +20,12 @@ import keras_twins  # noqa: E402
 from keras_twins.flops import count_macs  # noqa: E402
 from keras_twins.images import load_image  # noqa: E402
 
-CONSTRUCTORS = {
-    "twins_pcpvt_small": keras_twins.TwinsPCPVTSmall,
-    "twins_pcpvt_base": keras_twins.TwinsPCPVTBase,
-    "twins_pcpvt_large": keras_twins.TwinsPCPVTLarge,
-    "twins_svt_small": keras_twins.TwinsSVTSmall,
-    "twins_svt_base": keras_twins.TwinsSVTBase,
-    "twins_svt_large": keras_twins.TwinsSVTLarge,
-}
-
 
 def variants_table():
     header = ("variant", "params", "paper params", "GMACs@224", "paper GFLOPs",
               "top-1 paper", "top-1 timm")
     rows = []
-    for name, constructor in CONSTRUCTORS.items():
+    for name, constructor in keras_twins.CONSTRUCTORS.items():
         entry = keras_twins.VARIANTS[name]
         model = constructor()
         rows.append((
@@ -59,10 +50,10 @@ def classify(checkpoint, variant, images, top=5):
 
     try:
         if checkpoint.endswith(".weights.h5"):
-            if variant not in CONSTRUCTORS:
+            if variant not in keras_twins.CONSTRUCTORS:
                 raise ValueError("a .weights.h5 file needs --variant, one of "
-                                 + ", ".join(CONSTRUCTORS))
-            model = CONSTRUCTORS[variant](weights=checkpoint)
+                                 + ", ".join(keras_twins.CONSTRUCTORS))
+            model = keras_twins.CONSTRUCTORS[variant](weights=checkpoint)
         else:
             model = build_model_for(read_checkpoint(checkpoint), variant, checkpoint)
     except ValueError as error:

@@ -1,6 +1,7 @@
 """Twins-PCPVT and Twins-SVT vision transformers for Keras 3."""
 
 from keras_twins import layers
+from keras_twins.model import CONSTRUCTORS
 from keras_twins.model import Twins
 from keras_twins.model import TwinsPCPVTBase
 from keras_twins.model import TwinsPCPVTLarge
@@ -13,6 +14,7 @@ from keras_twins.variants import VARIANTS
 __version__ = "0.1.0"
 
 __all__ = [
+    "CONSTRUCTORS",
     "Twins",
     "TwinsPCPVTBase",
     "TwinsPCPVTLarge",

@@ -170,6 +170,10 @@ def _input_layer(input_tensor, input_shape):
     return keras.Input(tensor=input_tensor, shape=input_shape)
 
 
+# variant name (as in timm) -> its constructor, filled in below.
+CONSTRUCTORS = {}
+
+
 def _variant(public_name, variant_name):
     config = variants.get_variant(variant_name)["config"]
 
@@ -187,6 +191,7 @@ def _variant(public_name, variant_name):
 
     constructor.__name__ = constructor.__qualname__ = public_name
     constructor.__doc__ = _DOCSTRING.format(variant=variant_name)
+    CONSTRUCTORS[variant_name] = constructor
     return constructor
 
 

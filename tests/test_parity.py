@@ -10,14 +10,6 @@ import pytest
 import keras_twins
 from conftest import max_error_within_tolerance
 
-CONSTRUCTORS = {
-    "twins_pcpvt_small": keras_twins.TwinsPCPVTSmall,
-    "twins_pcpvt_base": keras_twins.TwinsPCPVTBase,
-    "twins_pcpvt_large": keras_twins.TwinsPCPVTLarge,
-    "twins_svt_small": keras_twins.TwinsSVTSmall,
-    "twins_svt_base": keras_twins.TwinsSVTBase,
-    "twins_svt_large": keras_twins.TwinsSVTLarge,
-}
 # 97x131 makes LSA pad at every stage (maps 24x32, 12x16, 6x8, 3x4);
 # neither non-square size is a multiple of 32.
 SIZES = [(224, 224), (97, 131), (200, 264)]
@@ -47,7 +39,7 @@ def assert_same_weights_file(first, second):
         assert len(count) == len(names)
 
 
-@pytest.mark.parametrize("variant", list(CONSTRUCTORS))
+@pytest.mark.parametrize("variant", list(keras_twins.CONSTRUCTORS))
 def test_logits_and_features_match_timm(variant, random_reference):
     import torch
 
@@ -59,7 +51,7 @@ def test_logits_and_features_match_timm(variant, random_reference):
 
     assert_same_weights_file(from_pth, from_safetensors)
 
-    constructor = CONSTRUCTORS[variant]
+    constructor = keras_twins.CONSTRUCTORS[variant]
     model = constructor(weights=str(from_safetensors), input_shape=(None, None, 3),
                         include_preprocessing=False, classifier_activation=None)
     features = constructor(weights=str(from_safetensors), include_top=False,

@@ -16,7 +16,8 @@ HEAD_KEYS = ("head.weight", "head.bias")
 _INDEXED_SEGMENTS = (
     (re.compile(r"^patch_embed_(\d+)$"), r"patch_embeds.\1"),
     (re.compile(r"^stage_(\d+)_block_(\d+)$"), r"blocks.\1.\2"),
-    (re.compile(r"^pos_encoding_(\d+)$"), r"pos_block.\1"),
+    # the reference wraps its PEG convolution in nn.Sequential: `proj.0`
+    (re.compile(r"^pos_encoding_(\d+)$"), r"pos_block.\1.proj.0"),
 )
 _RENAMED_SEGMENTS = {
     "attention": "attn",
@@ -25,8 +26,8 @@ _RENAMED_SEGMENTS = {
     "key_value": "kv",
     "subsample": "sr",
     "subsample_norm": "norm",
-    "depthwise": "proj.0",  # the reference wraps its PEG conv in nn.Sequential
     "kernel": "weight",
+    "depthwise_kernel": "weight",
     "gamma": "weight",
     "beta": "bias",
 }
@@ -50,7 +51,7 @@ def _permutation(keras_path, rank):
     """Axis permutation that takes the PyTorch layout to the Keras layout."""
     if rank == 4:
         # depthwise [C, 1, kh, kw] -> [kh, kw, C, 1]; conv [O, I, kh, kw] -> [kh, kw, I, O]
-        return (2, 3, 0, 1) if "/depthwise/" in keras_path else (2, 3, 1, 0)
+        return (2, 3, 0, 1) if keras_path.endswith("depthwise_kernel") else (2, 3, 1, 0)
     if rank == 2:
         return (1, 0)  # Linear [out, in] -> Dense [in, out]
     return tuple(range(rank))

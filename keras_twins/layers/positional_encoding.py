@@ -1,4 +1,5 @@
 import keras
+from keras import ops
 
 from keras_twins.layers.registration import register
 
@@ -10,21 +11,30 @@ class PositionalEncodingGenerator(keras.layers.Layer):
     Zero padding lets the convolution infer absolute position from the
     borders, so the encoding follows any input size (Chu et al., 2021, Sec. 3.1).
 
+    The convolution is written with `ops.depthwise_conv` and a separate bias
+    add rather than a `DepthwiseConv2D` layer: TensorFlow's oneDNN remapper
+    fails (loudly) on the fused depthwise + bias + residual-add pattern.
+
     Shapes: `(batch, H, W, C) -> (batch, H, W, C)`.
     """
 
     def __init__(self, kernel_size=3, **kwargs):
         super().__init__(**kwargs)
         self.kernel_size = kernel_size
-        self.depthwise = keras.layers.DepthwiseConv2D(
-            kernel_size, padding="same", dtype=self.dtype_policy, name="depthwise"
-        )
 
     def build(self, input_shape):
-        self.depthwise.build(input_shape)
+        channels = input_shape[-1]
+        self.depthwise_kernel = self.add_weight(
+            name="depthwise_kernel",
+            shape=(self.kernel_size, self.kernel_size, channels, 1),
+            initializer="glorot_uniform",
+        )
+        self.bias = self.add_weight(name="bias", shape=(channels,), initializer="zeros")
 
     def call(self, inputs):
-        return self.depthwise(inputs) + inputs
+        encoding = ops.depthwise_conv(inputs, self.depthwise_kernel, strides=1,
+                                      padding="same")
+        return encoding + self.bias + inputs
 
     def compute_output_shape(self, input_shape):
         return input_shape
