@@ -17,6 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 import keras_twins  # noqa: E402
+from keras_twins.cli import format_table  # noqa: E402
 from keras_twins.flops import count_macs  # noqa: E402
 from keras_twins.images import load_image  # noqa: E402
 
@@ -37,11 +38,7 @@ def variants_table():
             f"{entry['paper_top1']:.1f}",
             f"{entry['timm_top1']:g}",
         ))
-    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(header, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
+    return format_table(header, rows)
 
 
 def classify(checkpoint, variant, images, top=5):

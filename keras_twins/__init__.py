@@ -9,6 +9,9 @@ from keras_twins.model import TwinsPCPVTSmall
 from keras_twins.model import TwinsSVTBase
 from keras_twins.model import TwinsSVTLarge
 from keras_twins.model import TwinsSVTSmall
+from keras_twins.imagenet import decode_predictions
+from keras_twins.imagenet import preprocess_input
+from keras_twins.images import load_image
 from keras_twins.variants import VARIANTS
 
 __version__ = "0.1.0"
@@ -23,5 +26,8 @@ __all__ = [
     "TwinsSVTLarge",
     "TwinsSVTSmall",
     "VARIANTS",
+    "decode_predictions",
     "layers",
+    "load_image",
+    "preprocess_input",
 ]

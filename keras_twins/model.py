@@ -62,7 +62,11 @@ def Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios,
                 f"`{arg}` must give one value per stage ({num_stages}, as "
                 f"`embed_dims`). Received: {arg}={values}"
             )
-    _validate_arguments(weights, include_top, pooling)
+    variant = variants.find_variant(
+        embed_dims=embed_dims, depths=depths, num_heads=num_heads,
+        mlp_ratios=mlp_ratios, sr_ratios=sr_ratios, window_sizes=window_sizes,
+    ) if patch_size == 4 else None
+    _validate_arguments(weights, variant, include_top, classes, pooling)
     input_shape = _input_shape(input_shape, input_tensor, include_top)
 
     inputs = _input_layer(input_tensor, input_shape)
@@ -112,19 +116,24 @@ def Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios,
         inputs = keras.utils.get_source_inputs(input_tensor)
     model = keras.Model(inputs, x, name=name)
     if weights is not None:
-        load_weights(model, weights, include_top=include_top, classes=classes)
+        load_weights(model, weights, variant, include_top=include_top, classes=classes)
     return model
 
 
-def _validate_arguments(weights, include_top, pooling):
+def _validate_arguments(weights, variant, include_top, classes, pooling):
     if weights == "imagenet":
-        raise ValueError(
-            "Pretrained ImageNet weights are not available in this version of "
-            "keras_twins yet; pass the path of a converted `.weights.h5` or of "
-            "a timm / official Twins checkpoint (.safetensors, .pth) instead. "
-            f"Received: weights={weights!r}"
-        )
-    if weights is not None and not (
+        if variant is None:
+            raise ValueError(
+                "ImageNet weights exist only for the six Twins variants "
+                f"({', '.join(variants.VARIANTS)}); this configuration is none "
+                "of them. Received: weights='imagenet'"
+            )
+        if include_top and classes != 1000:
+            raise ValueError(
+                'If using `weights="imagenet"` with `include_top=True`, '
+                f"`classes` should be 1000. Received classes={classes}"
+            )
+    elif weights is not None and not (
         isinstance(weights, (str, os.PathLike)) and os.path.isfile(weights)
     ):
         raise ValueError(f"{_WEIGHTS_ERROR} Received: weights={weights!r}")
@@ -207,10 +216,11 @@ them with the ImageNet mean and standard deviation itself.
 Args:
     include_top: whether to include the classification head (final norm,
         global average pooling, Dense).
-    weights: `None` (random initialization), `"imagenet"`, or the path of a
-        Keras `.weights.h5` file or of a PyTorch checkpoint of the same
-        variant (timm or official Twins; `.safetensors`, `.pth`, `.pt` or
-        `.bin`), converted on the fly.
+    weights: `None` (random initialization), `"imagenet"` (timm's published
+        ImageNet-1k weights, downloaded once from `$HF_ENDPOINT` and cached
+        in `$KERAS_HOME/models`), or the path of a Keras `.weights.h5` file
+        or of a PyTorch checkpoint of the same variant (timm or official
+        Twins; `.safetensors`, `.pth`, `.pt` or `.bin`), converted on the fly.
     input_tensor: optional Keras tensor to use as the image input.
     input_shape: `(height, width, 3)`; `(224, 224, 3)` by default with the
         head, `(None, None, 3)` without. A static shape gives a graph whose

@@ -69,3 +69,12 @@ def get_variant(name):
             f"{', '.join(VARIANTS)}."
         )
     return VARIANTS[name]
+
+
+def find_variant(**config):
+    """Names the variant whose architecture is `config`, or returns None."""
+    normalized = {k: None if v is None else tuple(v) for k, v in config.items()}
+    for name, entry in VARIANTS.items():
+        if all(normalized[k] == entry["config"][k] for k in normalized):
+            return name
+    return None

@@ -3,26 +3,38 @@
 import os
 
 
-def load_weights(model, weights, include_top, classes):
-    """Loads a Keras `.weights.h5` file or a PyTorch checkpoint into `model`.
+def load_weights(model, weights, variant, include_top, classes):
+    """Loads `"imagenet"`, a Keras weights file or a PyTorch checkpoint into `model`.
 
-    PyTorch checkpoints (timm or official Twins; `.safetensors`, `.pth`,
-    `.pt`, `.bin`) are converted on the fly by `weights_convert`.
+    Args:
+        model: the built model.
+        weights: `"imagenet"` or a path: a Keras `.weights.h5` / `.keras`
+            file, or a timm / official Twins checkpoint (`.safetensors`,
+            `.pth`, `.pt`, `.bin`), converted on the fly by `weights_convert`.
+        variant: the variant name of the model's architecture (for
+            `"imagenet"`).
+        include_top: whether the model has the classification head.
+        classes: the head's size.
 
     Raises:
         ValueError: the file does not fit the model, with what differs.
+        keras_twins.pretrained.WeightsDownloadError: ImageNet weights could
+            not be fetched.
     """
-    path = os.fspath(weights)
-    if path.endswith(".h5") or path.endswith(".keras"):
-        try:
-            model.load_weights(path)
-        except Exception as error:  # Keras raises several types; say which file.
-            detail = " ".join(str(error).split()) or type(error).__name__
-            raise ValueError(
-                f"Could not load the weights file {path} into {model.name}: "
-                f"{detail}"
-            ) from None
-        return
-    from weights_convert import load_checkpoint_into_model
+    if weights == "imagenet":
+        from keras_twins.pretrained import imagenet_weights
 
-    load_checkpoint_into_model(model, path, include_top=include_top, classes=classes)
+        path = imagenet_weights(variant)
+    else:
+        path = os.fspath(weights)
+    if not path.endswith((".h5", ".keras")):
+        from weights_convert import load_checkpoint_into_model
+
+        load_checkpoint_into_model(model, path, include_top=include_top, classes=classes)
+        return
+    try:
+        model.load_weights(path)
+    except Exception as error:  # Keras raises several types; say which file.
+        detail = " ".join(str(error).split()) or type(error).__name__
+        raise ValueError(f"Could not load the weights file {path} into {model.name}: "
+                         f"{detail}") from None

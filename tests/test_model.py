@@ -121,7 +121,7 @@ def test_input_tensor_is_used():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(weights="nowhere/model.safetensors"), "Received: weights='nowhere/model.safetensors'"),
     (dict(weights=3), "Received: weights=3"),
-    (dict(weights="imagenet"), "Received: weights='imagenet'"),
+    (dict(weights="imagenet", classes=10), "`classes` should be 1000. Received classes=10"),
     (dict(input_shape=(224, 224, 1)), "3 channels; Received `input_shape=(224, 224, 1)`"),
     (dict(input_shape=(31, 224, 3)), "at least 32x32; Received: input_shape=(31, 224, 3)"),
     (dict(input_shape=(224, 3)), "Received: input_shape=(224, 3)"),
@@ -131,6 +131,11 @@ def test_argument_errors_name_the_argument_and_value(kwargs, message):
     with pytest.raises(ValueError) as error:
         keras_twins.TwinsSVTSmall(**kwargs)
     assert message in str(error.value)
+
+
+def test_imagenet_weights_only_for_the_six_variants():
+    with pytest.raises(ValueError, match="Received: weights='imagenet'"):
+        keras_twins.Twins(**TINY, weights="imagenet")
 
 
 def test_config_lengths_are_checked():

@@ -17,11 +17,11 @@ def main(argv=None):
                         "from the tensor shapes when absent")
     args = parser.parse_args(argv)
 
-    from weights_convert.console import quiet_native_logs
+    from weights_convert.console import quiet_library_chatter
     from weights_convert.errors import ConversionError
 
     try:
-        with quiet_native_logs():
+        with quiet_library_chatter():
             from weights_convert.convert import convert
 
             model = convert(args.source, args.output, variant=args.variant)

@@ -3,25 +3,33 @@
 import contextlib
 import os
 import sys
+import warnings
 
 
 @contextlib.contextmanager
-def quiet_native_logs():
-    """Silences file descriptor 2 (stderr) for the duration of the block.
+def quiet_library_chatter():
+    """Silences library warnings and native stderr output; `sys.stderr` still works.
 
     TensorFlow's C++ runtime writes start-up chatter (oneDNN, CUDA probing)
-    to stderr before any Python-side log setting applies, which would bury a
-    command's one-line error. The descriptor is restored on the way out, so
-    errors printed after the block, tracebacks included, are seen.
+    straight to file descriptor 2, before any Python-side log setting
+    applies, and torch and Keras warn about internals; either would bury a
+    command's one-line error. Descriptor 2 goes to the null device and
+    warnings are ignored meanwhile, while `sys.stderr` writes to the real
+    stderr through a duplicate, so a progress bar still shows.
     """
     sys.stderr.flush()
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
+    python_stderr = sys.stderr
+    sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
-        sys.stderr.flush()
+        sys.stderr.close()
+        sys.stderr = python_stderr
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)

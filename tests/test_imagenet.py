@@ -1,0 +1,56 @@
+"""Class names, decode_predictions, preprocess_input and the evaluation image loader."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import keras_twins
+from keras_twins.imagenet import imagenet_classes
+
+
+def test_class_names_ship_with_the_package():
+    classes = imagenet_classes()
+    assert len(classes) == 1000
+    assert len({wnid for wnid, _ in classes}) == 1000
+    assert len({name for _, name in classes}) == 1000
+    assert classes[0] == ("n01440764", "tench")
+    assert [wnid for wnid, _ in classes] == sorted(wnid for wnid, _ in classes)
+
+
+def test_decode_predictions_ranks_classes():
+    preds = np.zeros((2, 1000), np.float32)
+    preds[0, [3, 7, 1]] = [0.5, 0.3, 0.2]
+    preds[1, 999] = 1.0
+    decoded = keras_twins.decode_predictions(preds, top=3)
+    assert [entry[0][:2] for entry in decoded] == [imagenet_classes()[3], imagenet_classes()[999]]
+    assert [score for *_, score in decoded[0]] == pytest.approx([0.5, 0.3, 0.2])
+    with pytest.raises(ValueError, match=r"Received array with shape: \(2, 10\)"):
+        keras_twins.decode_predictions(np.zeros((2, 10)))
+
+
+def test_preprocess_input_is_the_identity_for_models_that_normalize_inside():
+    x = np.random.default_rng(0).uniform(0, 255, (1, 8, 8, 3))
+    assert keras_twins.preprocess_input(x) is x
+
+
+@pytest.mark.parametrize("mode, size", [("RGB", (333, 217)), ("L", (97, 131)),
+                                        ("RGBA", (250, 181)), ("RGB", (224, 600))])
+def test_load_image_matches_timm_evaluation_transform(mode, size, tmp_path):
+    import sklearn.datasets
+    import timm.data
+
+    folder = os.path.join(os.path.dirname(sklearn.datasets.__file__), "images")
+    image = Image.open(os.path.join(folder, "china.jpg")).convert(mode).resize(size)
+    path = tmp_path / "image.png"
+    image.save(path)
+    transform = timm.data.create_transform(
+        input_size=(3, 224, 224), crop_pct=0.9, interpolation="bicubic",
+        mean=(0, 0, 0), std=(1, 1, 1),
+    )
+    with Image.open(path) as opened:
+        expected = transform(opened.convert("RGB")).numpy().transpose(1, 2, 0) * 255
+    loaded = keras_twins.load_image(path)
+    assert loaded.shape == (224, 224, 3) and loaded.dtype == np.float32
+    np.testing.assert_allclose(loaded, expected, atol=1e-3)
