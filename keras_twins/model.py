@@ -72,9 +72,12 @@ def Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios,
     inputs = _input_layer(input_tensor, input_shape)
     x = inputs
     if include_preprocessing:
-        x = keras.layers.Normalization(
-            mean=[255.0 * m for m in variants.IMAGENET_MEAN],
-            variance=[(255.0 * s) ** 2 for s in variants.IMAGENET_STD],
+        # (x / 255 - mean) / std as one multiply-add whose constants live in
+        # the graph (Normalization's captured tensors became uninitialized
+        # variables in TFLite and extra inputs in ONNX).
+        x = keras.layers.Rescaling(
+            scale=[1.0 / (255.0 * s) for s in variants.IMAGENET_STD],
+            offset=[-m / s for m, s in zip(variants.IMAGENET_MEAN, variants.IMAGENET_STD)],
             name="preprocessing",
         )(x)
 

@@ -46,12 +46,14 @@ class LocallyGroupedSelfAttention(MultiHeadAttentionCore):
             x = ops.pad(x, ((0, 0), (0, pad_bottom), (0, pad_right), (0, 0)))
         rows, cols = (height + pad_bottom) // ws, (width + pad_right) // ws
 
-        # (batch, rows*ws, cols*ws, dim) -> (batch*rows*cols, ws*ws, dim)
-        x = ops.reshape(x, (-1, rows, ws, cols, ws, self.dim))
+        # The projection is per token, so it runs on the padded map before the
+        # windows are formed: the converters then see only rank-4 matmuls.
+        # (batch, rows*ws, cols*ws, 3*dim) -> (batch*rows*cols, ws*ws, 3*dim)
+        x = ops.reshape(self.qkv(x), (-1, rows, ws, cols, ws, 3 * self.dim))
         x = ops.transpose(x, (0, 1, 3, 2, 4, 5))
-        x = ops.reshape(x, (-1, ws * ws, self.dim))
+        x = ops.reshape(x, (-1, ws * ws, 3 * self.dim))
 
-        query, key, value = ops.split(self.qkv(x), 3, axis=-1)
+        query, key, value = ops.split(x, 3, axis=-1)
         x = self._attend(query, key, value, training=training)
 
         x = ops.reshape(x, (-1, rows, cols, ws, ws, self.dim))

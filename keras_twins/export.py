@@ -1,0 +1,225 @@
+"""Export to SavedModel, TFLite (LiteRT) and ONNX.
+
+Every format takes the same input: a float32 batch of RGB images, pixels in
+[0, 255] (the model normalizes inside), of a fixed size and batch, so every
+shape in the exported graph is static. The output is class probabilities,
+or logits. `labels.txt` is written beside the exported model.
+"""
+
+import contextlib
+import os
+import shutil
+import tempfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+FORMATS = ("saved_model", "tflite", "onnx")
+QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
+OUTPUTS = ("probabilities", "logits")
+ONNX_OPSET = 17  # tf2onnx 1.17 refuses opsets above 18
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+
+class ExportError(ValueError):
+    """An export that cannot be done; the message is one line for people."""
+
+
+def export(model, path, format="tflite", quantize="none", representative_data=None,
+           image_size=None, batch_size=1, output="probabilities"):
+    """Exports a Twins model (or any image classifier taking [0, 255] RGB).
+
+    Args:
+        model: the Keras model.
+        path: where to write: a `.tflite` or `.onnx` file, or a SavedModel
+            directory. Written under a temporary name and renamed at the end.
+        format: one of `FORMATS`.
+        quantize: TFLite only: `"none"`, `"float16"`, `"dynamic"` (int8
+            weights, float activations) or `"int8"` (full integer, calibrated
+            on `representative_data`).
+        representative_data: a folder of images for `"int8"` calibration.
+        image_size: `(height, width)`; default: the model's static input
+            size, or 224x224.
+        batch_size: the fixed batch size of the exported graph.
+        output: `"probabilities"` or `"logits"`.
+
+    Returns:
+        The path written.
+    """
+    path = os.fspath(path)
+    _check_choice("format", format, FORMATS)
+    _check_choice("quantize", quantize, QUANTIZATIONS)
+    _check_choice("output", output, OUTPUTS)
+    if quantize != "none" and format != "tflite":
+        raise ExportError(f"quantization is for TFLite only. Received: format={format!r}, "
+                          f"quantize={quantize!r}")
+    if quantize == "int8":
+        _check_representative_data(representative_data)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+        raise ExportError(f"{path}: the output directory does not exist or is not writable")
+    height, width = _image_size(model, image_size)
+    spec = tf.TensorSpec((batch_size, height, width, 3), tf.float32, name="images")
+    function = tf.function(_forward(model, output), input_signature=[spec], autograph=False)
+
+    with _staged(path) as staging:
+        if format == "saved_model":
+            _write_saved_model(model, function, spec, staging)
+        elif format == "tflite":
+            content = _tflite(function, model, quantize, representative_data, spec)
+            with open(staging, "wb") as f:
+                f.write(content)
+        else:
+            _write_onnx(function, spec, staging)
+    _write_labels(model, os.path.join(directory, "labels.txt"))
+    return path
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ExportError(f"`{name}` must be one of {', '.join(choices)}. "
+                          f"Received: {name}={value!r}")
+
+
+def _check_representative_data(folder):
+    if folder is None or not os.path.isdir(folder):
+        raise ExportError("int8 quantization needs `representative_data`, a folder of "
+                          f"images. Received: {folder!r}")
+    if not _image_files(folder):
+        raise ExportError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in the "
+                          "representative-data folder")
+
+
+def _image_files(folder):
+    files = []
+    for root, _, names in os.walk(folder):
+        files += [os.path.join(root, n) for n in sorted(names)
+                  if n.lower().endswith(IMAGE_SUFFIXES)]
+    return sorted(files)
+
+
+def _image_size(model, image_size):
+    if image_size is not None:
+        height, width = (image_size, image_size) if np.isscalar(image_size) else image_size
+    else:
+        height, width = model.input_shape[1:3]
+        if height is None or width is None:
+            height = width = 224
+    return int(height), int(width)
+
+
+def _forward(model, output):
+    if output == "probabilities":
+        return lambda images: model(images, training=False)
+    head = model.get_layer("head")
+    features = keras.Model(model.input, head.input)
+
+    def logits(images):
+        return keras.ops.matmul(features(images, training=False), head.kernel) + head.bias
+
+    return logits
+
+
+@contextlib.contextmanager
+def _staged(path):
+    """Yields a temporary path beside `path`, moved onto `path` if the block succeeds."""
+    directory = os.path.dirname(os.path.abspath(path))
+    staging = tempfile.mkdtemp(prefix=".partial-", dir=directory)
+    target = os.path.join(staging, os.path.basename(path) or "export")
+    try:
+        yield target
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        os.replace(target, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_saved_model(model, function, spec, path):
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", function, input_signature=[spec])
+    archive.write_out(path, verbose=False)
+
+
+def _tflite(function, model, quantize, representative_data, spec):
+    # Through a SavedModel, as Keras' own LiteRT export does: converting the
+    # concrete function directly left variables unfrozen (READ_VARIABLE ops).
+    with tempfile.TemporaryDirectory() as saved_model:
+        _write_saved_model(model, function, spec, saved_model)
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
+        return _convert_tflite(converter, quantize, representative_data, spec)
+
+
+def _convert_tflite(converter, quantize, representative_data, spec):
+    builtins_only = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    converter.target_spec.supported_ops = builtins_only
+    if quantize in ("float16", "dynamic", "int8"):
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantize == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    if quantize == "int8":
+        converter.representative_dataset = _calibration(representative_data, spec)
+        # Integer kernels only; the input and output stay float32 [0, 255].
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        try:
+            return converter.convert()
+        except Exception:  # an op without an int8 kernel: allow float for it
+            converter.target_spec.supported_ops = (
+                [tf.lite.OpsSet.TFLITE_BUILTINS_INT8] + builtins_only
+            )
+    return converter.convert()
+
+
+def _calibration(folder, spec):
+    from keras_twins.images import load_image
+
+    _, height, width, _ = spec.shape
+    files = _image_files(folder)[:200]
+
+    def samples():
+        for path in files:
+            image = load_image(path, image_size=max(height, width))[:height, :width]
+            yield [image[None].astype(np.float32)]
+
+    return samples
+
+
+def _write_onnx(function, spec, path):
+    import tf2onnx
+
+    try:
+        tf2onnx.convert.from_function(
+            function, input_signature=[spec], opset=ONNX_OPSET, output_path=path,
+            custom_op_handlers={"Erfc": (_erfc_as_one_minus_erf, [])},
+        )
+    except Exception as error:  # tf2onnx raises many types
+        raise ExportError(f"ONNX conversion failed: {' '.join(str(error).split())}") from None
+
+
+def _erfc_as_one_minus_erf(ctx, node, name, args):
+    """tf2onnx maps TensorFlow's Erfc (used by the exact GELU) to no ONNX op.
+
+    erfc(x) = 1 - erf(x) with ONNX's Erf keeps the Keras numerics.
+    """
+    from tf2onnx import utils
+
+    node.type = "Erf"
+    one = ctx.make_const(utils.make_name(f"{name}_one"), np.array(1.0, np.float32))
+    difference = ctx.insert_new_node_on_output("Sub", node.output[0],
+                                               name=utils.make_name(f"{name}_erfc"))
+    ctx.replace_inputs(difference, [one.output[0], node.output[0]])
+    return node
+
+
+def _write_labels(model, path):
+    from keras_twins.imagenet import imagenet_classes
+
+    classes = model.output_shape[-1]
+    names = ([name for _, name in imagenet_classes()] if classes == 1000
+             else [f"class_{i}" for i in range(classes)])
+    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False,
+                                     prefix=".partial-", suffix=".txt") as f:
+        f.write("\n".join(names) + "\n")
+    os.replace(f.name, path)

@@ -1,0 +1,128 @@
+"""Every exported file, run in its own runtime, against the Keras model."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import keras_twins
+from conftest import TINY
+from conftest import TINY_PCPVT
+from keras_twins.export import ExportError
+from keras_twins.export import export
+
+# No run-time shape arithmetic in a fixed-batch graph, and nothing outside the builtins.
+SHAPE_ARITHMETIC = {"SHAPE", "GATHER", "GATHER_ND", "REDUCE_PROD", "PACK"}
+
+
+def run_tflite(path, images):
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], images)
+    interpreter.invoke()
+    ops = {op["op_name"] for op in interpreter._get_ops_details()}
+    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"]), ops
+
+
+@pytest.fixture(scope="module", params=[
+    ("svt", TINY, (224, 224)), ("pcpvt", TINY_PCPVT, (97, 131)),
+    ("svt", TINY, (97, 131)), ("pcpvt", TINY_PCPVT, (224, 224)),
+], ids=lambda p: f"{p[0]}-{p[2][0]}x{p[2][1]}")
+def case(request, tmp_path_factory):
+    _, config, size = request.param
+    model = keras_twins.Twins(**config, classes=10, input_shape=(None, None, 3))
+    images = np.random.default_rng(0).uniform(0, 255, (1,) + size + (3,)).astype(np.float32)
+    return model, size, images, model.predict(images, verbose=0), tmp_path_factory.mktemp("export")
+
+
+def test_tflite_float32_matches_with_builtin_static_ops(case):
+    model, size, images, expected, directory = case
+    path = export(model, directory / "model.tflite", image_size=size)
+    output, ops = run_tflite(path, images)
+    assert np.abs(output - expected).max() <= 1e-5
+    assert not ops & SHAPE_ARITHMETIC, ops & SHAPE_ARITHMETIC
+    assert not {op for op in ops if op.startswith("FLEX") or op == "CUSTOM"}
+    labels = (directory / "labels.txt").read_text().splitlines()
+    assert labels == [f"class_{i}" for i in range(10)]
+
+
+def test_tflite_float16_is_close(case):
+    model, size, images, expected, directory = case
+    float16 = export(model, directory / "f16.tflite", image_size=size, quantize="float16")
+    output, _ = run_tflite(float16, images)
+    assert np.abs(output - expected).max() <= 1e-2
+
+
+def test_onnx_matches(case):
+    import onnxruntime
+
+    model, size, images, expected, directory = case
+    path = export(model, directory / "model.onnx", format="onnx", image_size=size)
+    session = onnxruntime.InferenceSession(str(path))
+    output = session.run(None, {session.get_inputs()[0].name: images})[0]
+    assert np.abs(output - expected).max() <= 1e-5
+
+
+def test_saved_model_serving_signature_matches(case):
+    import tensorflow as tf
+
+    model, size, images, expected, directory = case
+    path = export(model, directory / "saved_model", format="saved_model", image_size=size)
+    serving = tf.saved_model.load(str(path)).signatures["serving_default"]
+    (output,) = serving(images=tf.constant(images)).values()
+    assert np.abs(output.numpy() - expected).max() <= 1e-5
+
+
+def test_logits_output(case):
+    model, size, images, _, directory = case
+    path = export(model, directory / "logits.tflite", image_size=size, output="logits")
+    logits, _ = run_tflite(path, images)
+    probabilities = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    assert np.abs(probabilities - case[3]).max() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def calibration_images(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("calibration")
+    rng = np.random.default_rng(1)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)).save(
+            directory / f"{i}.png")
+    return directory
+
+
+def test_quantized_files_run_and_shrink(calibration_images, tmp_path):
+    # Wide enough (2.4M parameters) that the weights, not the graph, set the size.
+    model = keras_twins.Twins(**{**TINY, "embed_dims": (64, 128, 192, 256),
+                                 "num_heads": (1, 2, 3, 4)}, classes=10)
+    images = np.random.default_rng(2).uniform(0, 255, (1, 224, 224, 3)).astype(np.float32)
+    expected = model.predict(images, verbose=0)
+    float32 = export(model, tmp_path / "f32.tflite")
+    float16 = export(model, tmp_path / "f16.tflite", quantize="float16")
+    assert np.abs(run_tflite(float16, images)[0] - expected).max() <= 1e-2
+    assert os.path.getsize(float16) <= 0.55 * os.path.getsize(float32)
+    int8 = export(model, tmp_path / "int8.tflite", quantize="int8",
+                  representative_data=calibration_images)
+    output, _ = run_tflite(int8, images)
+    assert output.shape == (1, 10) and np.isfinite(output).all()
+    assert os.path.getsize(int8) <= 0.3 * os.path.getsize(float32)
+    dynamic = export(model, tmp_path / "dynamic.tflite", quantize="dynamic")
+    assert run_tflite(dynamic, images)[0].shape == (1, 10)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(format="coreml"), "Received: format='coreml'"),
+    (dict(quantize="int4"), "Received: quantize='int4'"),
+    (dict(quantize="int8", representative_data="/no/such/folder"), "/no/such/folder"),
+    (dict(format="onnx", quantize="float16"), "TFLite only"),
+])
+def test_bad_export_arguments_leave_no_file(kwargs, message, tmp_path):
+    model = keras_twins.Twins(**TINY, classes=10)
+    with pytest.raises(ExportError, match=message.replace("(", r"\(")):
+        export(model, tmp_path / "model.out", **kwargs)
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(ExportError, match="not writable|does not exist"):
+        export(model, tmp_path / "missing" / "model.tflite")
