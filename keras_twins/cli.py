@@ -126,8 +126,7 @@ def _model(variant, weights):
     if weights != "imagenet" and not os.path.isfile(weights):
         raise CommandError(f"{weights}: no such weights file")
     if weights.endswith((SAFETENSORS_SUFFIX,) + PICKLE_SUFFIXES):
-        model = build_model_for(read_checkpoint(weights), variant, source=weights)
-        return model
+        return build_model_for(read_checkpoint(weights), variant, source=weights)
     return keras_twins.CONSTRUCTORS[variant](weights=weights)
 
 
