@@ -26,37 +26,31 @@ VARIANTS = {
         config=dict(embed_dims=(64, 128, 320, 512), depths=(3, 4, 6, 3),
                     num_heads=(1, 2, 5, 8), **_PCPVT),
         params=24_106_216, paper_gflops=3.7, paper_top1=81.2, timm_top1=81.116,
-        drop_path_rate=0.2,
     ),
     "twins_pcpvt_base": dict(
         config=dict(embed_dims=(64, 128, 320, 512), depths=(3, 4, 18, 3),
                     num_heads=(1, 2, 5, 8), **_PCPVT),
         params=43_828_456, paper_gflops=6.4, paper_top1=82.7, timm_top1=82.724,
-        drop_path_rate=0.3,
     ),
     "twins_pcpvt_large": dict(
         config=dict(embed_dims=(64, 128, 320, 512), depths=(3, 8, 27, 3),
                     num_heads=(1, 2, 5, 8), **_PCPVT),
         params=60_989_672, paper_gflops=9.5, paper_top1=83.1, timm_top1=83.158,
-        drop_path_rate=0.5,
     ),
     "twins_svt_small": dict(
         config=dict(embed_dims=(64, 128, 256, 512), depths=(2, 2, 10, 4),
                     num_heads=(2, 4, 8, 16), **_SVT),
         params=24_060_776, paper_gflops=2.8, paper_top1=81.7, timm_top1=81.694,
-        drop_path_rate=0.2,
     ),
     "twins_svt_base": dict(
         config=dict(embed_dims=(96, 192, 384, 768), depths=(2, 2, 18, 2),
                     num_heads=(3, 6, 12, 24), **_SVT),
         params=56_070_952, paper_gflops=8.3, paper_top1=83.2, timm_top1=83.122,
-        drop_path_rate=0.3,
     ),
     "twins_svt_large": dict(
         config=dict(embed_dims=(128, 256, 512, 1024), depths=(2, 2, 18, 2),
                     num_heads=(4, 8, 16, 32), **_SVT),
         params=99_271_400, paper_gflops=14.8, paper_top1=83.7, timm_top1=83.718,
-        drop_path_rate=0.5,
     ),
 }
 
