@@ -1,8 +1,11 @@
-"""The `keras-twins` command: predict, convert, info.
+"""The `keras-twins` command: predict, convert, export, info.
 
     keras-twins predict IMAGE... [--model twins_svt_small] [--weights imagenet|PATH]
                                  [--top 5] [--json]
     keras-twins convert SRC --output DST.weights.h5 [--variant NAME]
+    keras-twins export --format tflite|onnx|saved_model --output PATH [--model NAME|CONFIG.json]
+                       [--weights imagenet|PATH|none] [--quantize none|float16|dynamic|int8]
+                       [--representative-data DIR] [--image-size H [W]] [--batch-size 1] [--logits]
     keras-twins info
 """
 
@@ -42,6 +45,22 @@ def main(argv=None):
     )
     convert.add_argument("arguments", nargs=argparse.REMAINDER)
 
+    export = commands.add_parser("export", help="export to TFLite, ONNX or SavedModel")
+    export.add_argument("--model", default="twins_svt_small",
+                        help="variant name, or a JSON file of keras_twins.Twins arguments")
+    export.add_argument("--weights", default="imagenet",
+                        help="'imagenet' (default), a checkpoint path, or 'none'")
+    export.add_argument("--format", required=True, help="saved_model, tflite or onnx")
+    export.add_argument("--output", required=True, help="the file (or SavedModel folder)")
+    export.add_argument("--quantize", default="none",
+                        help="TFLite: none, float16, dynamic or int8")
+    export.add_argument("--representative-data", help="image folder for int8 calibration")
+    export.add_argument("--image-size", type=int, nargs="+", default=[224],
+                        metavar="H [W]", help="input size (default 224)")
+    export.add_argument("--batch-size", type=int, default=1)
+    export.add_argument("--logits", action="store_true",
+                        help="output logits instead of probabilities")
+
     commands.add_parser("info", help="variants, sizes and cached weights")
 
     args = parser.parse_args(argv)
@@ -53,6 +72,8 @@ def main(argv=None):
         with quiet_library_chatter():
             if args.command == "predict":
                 output = _predict(args)
+            elif args.command == "export":
+                output = _export(args)
             else:
                 output = _info()
     except CommandError as error:
@@ -63,16 +84,10 @@ def main(argv=None):
 
 
 def _predict(args):
-    import keras_twins
     from keras_twins.imagenet import imagenet_classes
     from keras_twins.images import load_image
     from keras_twins.pretrained import WeightsDownloadError
 
-    if args.model not in keras_twins.CONSTRUCTORS:
-        raise CommandError(
-            f"unknown model {args.model!r}; choose one of "
-            f"{', '.join(keras_twins.CONSTRUCTORS)}"
-        )
     if args.top < 1:
         raise CommandError(f"--top must be at least 1. Received: {args.top}")
     images = []
@@ -115,19 +130,70 @@ def _predict(args):
     return "\n".join(lines)
 
 
-def _model(variant, weights):
-    """The variant with `weights`; a PyTorch checkpoint brings its own head size."""
+def _model(model, weights):
+    """The model named by `--model` with `--weights`, taking any input size.
+
+    `model` is a variant name or a JSON file of `keras_twins.Twins` keyword
+    arguments; a PyTorch checkpoint brings its own head size.
+    """
     import keras_twins
     from weights_convert import build_model_for
     from weights_convert import read_checkpoint
     from weights_convert.checkpoint import PICKLE_SUFFIXES
     from weights_convert.checkpoint import SAFETENSORS_SUFFIX
 
-    if weights != "imagenet" and not os.path.isfile(weights):
+    if weights not in ("imagenet", "none") and not os.path.isfile(weights):
         raise CommandError(f"{weights}: no such weights file")
-    if weights.endswith((SAFETENSORS_SUFFIX,) + PICKLE_SUFFIXES):
-        return build_model_for(read_checkpoint(weights), variant, source=weights)
-    return keras_twins.CONSTRUCTORS[variant](weights=weights)
+    weights = None if weights == "none" else weights
+    if model.endswith(".json"):
+        try:
+            with open(model) as f:
+                config = json.load(f)
+            return keras_twins.Twins(**config, weights=weights, input_shape=(None, None, 3))
+        except (OSError, json.JSONDecodeError, TypeError) as error:
+            raise CommandError(f"{model}: not a usable model configuration "
+                               f"({_one_line(error)})") from None
+    if model not in keras_twins.CONSTRUCTORS:
+        raise CommandError(
+            f"unknown model {model!r}; choose one of "
+            f"{', '.join(keras_twins.CONSTRUCTORS)}, or give a CONFIG.json"
+        )
+    if weights is not None and weights.endswith((SAFETENSORS_SUFFIX,) + PICKLE_SUFFIXES):
+        return build_model_for(read_checkpoint(weights), model, source=weights)
+    return keras_twins.CONSTRUCTORS[model](weights=weights, input_shape=(None, None, 3))
+
+
+def _export(args):
+    from keras_twins.export import export
+    from keras_twins.export import tflite_report
+    from keras_twins.pretrained import WeightsDownloadError
+
+    if len(args.image_size) > 2 or min(args.image_size) < 32:
+        raise CommandError("--image-size takes H [W], each at least 32. "
+                           f"Received: {' '.join(map(str, args.image_size))}")
+    height, width = (args.image_size * 2)[:2]
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            model = _model(args.model, args.weights)
+            path = export(model, args.output, format=args.format, quantize=args.quantize,
+                          representative_data=args.representative_data,
+                          image_size=(height, width), batch_size=args.batch_size,
+                          output="logits" if args.logits else "probabilities")
+    except (ValueError, WeightsDownloadError) as error:  # ExportError is a ValueError
+        raise CommandError(_one_line(error)) from None
+    lines = [f"wrote {path} ({args.format}, input {args.batch_size}x{height}x{width}x3 "
+             "float32 RGB in [0, 255]) and labels.txt beside it"]
+    if args.format == "tflite":
+        report = tflite_report(path)
+        lines += [
+            f"size: {os.path.getsize(path) / 1e6:.1f} MB",
+            f"ops: {', '.join(report['ops'])}",
+            f"GPU delegate: {report['gpu_compatibility']}",
+        ]
+        if args.quantize == "int8":
+            lines.append("ops computing in float: "
+                         + (", ".join(report["float_ops"]) or "none"))
+    return "\n".join(lines)
 
 
 def _info():

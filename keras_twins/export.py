@@ -7,6 +7,7 @@ or logits. `labels.txt` is written beside the exported model.
 """
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -20,6 +21,12 @@ QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 OUTPUTS = ("probabilities", "logits")
 ONNX_OPSET = 17  # tf2onnx 1.17 refuses opsets above 18
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# Ops that compute sizes at run time; a fixed-shape graph needs none.
+SHAPE_ARITHMETIC = {"SHAPE", "GATHER", "GATHER_ND", "REDUCE_PROD", "PACK"}
+INPUT_CONTRACT = {
+    "layout": "NHWC", "dtype": "float32", "color": "RGB", "range": [0, 255],
+    "normalization": "inside the model (ImageNet mean/std)",
+}
 
 
 class ExportError(ValueError):
@@ -63,17 +70,61 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
     spec = tf.TensorSpec((batch_size, height, width, 3), tf.float32, name="images")
     function = tf.function(_forward(model, output), input_signature=[spec], autograph=False)
 
+    labels = _labels(model)
     with _staged(path) as staging:
         if format == "saved_model":
             _write_saved_model(model, function, spec, staging)
         elif format == "tflite":
             content = _tflite(function, model, quantize, representative_data, spec)
+            contract = dict(INPUT_CONTRACT, shape=list(spec.shape), output=output)
+            content = _with_metadata(content, {
+                "labels.txt": "\n".join(labels).encode() + b"\n",
+                "input_contract.json": json.dumps(contract).encode(),
+            })
             with open(staging, "wb") as f:
                 f.write(content)
         else:
             _write_onnx(function, spec, staging)
-    _write_labels(model, os.path.join(directory, "labels.txt"))
+    _write_text(os.path.join(directory, "labels.txt"), "\n".join(labels) + "\n")
     return path
+
+
+def tflite_report(path):
+    """What a deployment needs to know about a TFLite file.
+
+    Returns:
+        A dict: `ops` (the builtin op names), `flex_or_custom` and
+        `shape_arithmetic` (ops that should not be there), `float_ops` (ops
+        computing in float in a quantized file), and `gpu_compatibility`
+        (the TFLite analyzer's GPU-delegate verdict, one line).
+    """
+    import io
+
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model(path)
+    graph = model.subgraphs[0]
+    ops, float_ops = set(), set()
+    for operator in graph.operators:
+        code = model.operatorCodes[operator.opcodeIndex]
+        name = flatbuffer_utils.opcode_to_name(model, operator.opcodeIndex)
+        if code.builtinCode == 32:  # BuiltinOperator.CUSTOM
+            name = "CUSTOM:" + (code.customCode or b"").decode()
+        ops.add(name)
+        if any(graph.tensors[i].type == 0 for i in operator.outputs):  # FLOAT32
+            float_ops.add(name)
+    analysis = io.StringIO()
+    with contextlib.redirect_stdout(analysis):
+        tf.lite.experimental.Analyzer.analyze(model_path=path, gpu_compatibility=True)
+    verdict = next((line.strip() for line in analysis.getvalue().splitlines()
+                    if "GPU delegate" in line), "no GPU-delegate verdict from the analyzer")
+    return {
+        "ops": sorted(ops),
+        "flex_or_custom": sorted(op for op in ops if op.startswith(("FLEX", "CUSTOM"))),
+        "shape_arithmetic": sorted(ops & SHAPE_ARITHMETIC),
+        "float_ops": sorted(float_ops),
+        "gpu_compatibility": verdict,
+    }
 
 
 def _check_choice(name, value, choices):
@@ -213,13 +264,43 @@ def _erfc_as_one_minus_erf(ctx, node, name, args):
     return node
 
 
-def _write_labels(model, path):
+def _labels(model):
     from keras_twins.imagenet import imagenet_classes
 
     classes = model.output_shape[-1]
-    names = ([name for _, name in imagenet_classes()] if classes == 1000
-             else [f"class_{i}" for i in range(classes)])
+    if classes == 1000:
+        return [name for _, name in imagenet_classes()]
+    return [f"class_{i}" for i in range(classes)]
+
+
+def _write_text(path, text):
     with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False,
                                      prefix=".partial-", suffix=".txt") as f:
-        f.write("\n".join(names) + "\n")
+        f.write(text)
     os.replace(f.name, path)
+
+
+def _with_metadata(content, entries):
+    """Adds named metadata buffers (as LiteRT's metadata table holds them)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(content))
+    for name, data in entries.items():
+        buffer = schema.BufferT()
+        buffer.data = np.frombuffer(data, np.uint8)
+        model.buffers.append(buffer)
+        metadata = schema.MetadataT()
+        metadata.name = name
+        metadata.buffer = len(model.buffers) - 1
+        model.metadata.append(metadata)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def read_tflite_metadata(path):
+    """The metadata entries of a TFLite file, `{name: bytes}`."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model(path)
+    return {m.name.decode(): bytes(model.buffers[m.buffer].data)
+            for m in model.metadata if model.buffers[m.buffer].data is not None}

@@ -1,6 +1,9 @@
 """Every exported file, run in its own runtime, against the Keras model."""
 
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,8 +14,11 @@ from conftest import TINY
 from conftest import TINY_PCPVT
 from keras_twins.export import ExportError
 from keras_twins.export import export
+from keras_twins.export import read_tflite_metadata
+from keras_twins.export import tflite_report
+from keras_twins.imagenet import imagenet_classes
 
-# No run-time shape arithmetic in a fixed-batch graph, and nothing outside the builtins.
+# Listed here, not imported, so a change to the library's own list cannot weaken the test.
 SHAPE_ARITHMETIC = {"SHAPE", "GATHER", "GATHER_ND", "REDUCE_PROD", "PACK"}
 
 
@@ -28,32 +34,60 @@ def run_tflite(path, images):
 
 
 @pytest.fixture(scope="module", params=[
-    ("svt", TINY, (224, 224)), ("pcpvt", TINY_PCPVT, (97, 131)),
-    ("svt", TINY, (97, 131)), ("pcpvt", TINY_PCPVT, (224, 224)),
-], ids=lambda p: f"{p[0]}-{p[2][0]}x{p[2][1]}")
+    ("twins_svt_small", (224, 224)), ("twins_svt_small", (97, 131)),
+    ("twins_pcpvt_small", (224, 224)), ("twins_pcpvt_small", (97, 131)),
+], ids=lambda p: f"{p[0]}-{p[1][0]}x{p[1][1]}")
 def case(request, tmp_path_factory):
-    _, config, size = request.param
-    model = keras_twins.Twins(**config, classes=10, input_shape=(None, None, 3))
+    """A real variant (random weights) and its Keras output at a size."""
+    variant, size = request.param
+    model = keras_twins.CONSTRUCTORS[variant](input_shape=(None, None, 3))
     images = np.random.default_rng(0).uniform(0, 255, (1,) + size + (3,)).astype(np.float32)
     return model, size, images, model.predict(images, verbose=0), tmp_path_factory.mktemp("export")
 
 
+def float32_file(case):
+    """The case's float32 TFLite file, exported once for the tests that need it."""
+    model, size, _, _, directory = case
+    path = directory / "model.tflite"
+    if not path.exists():
+        export(model, path, image_size=size)
+    return path
+
+
 def test_tflite_float32_matches_with_builtin_static_ops(case):
     model, size, images, expected, directory = case
-    path = export(model, directory / "model.tflite", image_size=size)
+    path = float32_file(case)
     output, ops = run_tflite(path, images)
     assert np.abs(output - expected).max() <= 1e-5
     assert not ops & SHAPE_ARITHMETIC, ops & SHAPE_ARITHMETIC
     assert not {op for op in ops if op.startswith("FLEX") or op == "CUSTOM"}
+    report = tflite_report(str(path))
+    assert report["flex_or_custom"] == [] and report["shape_arithmetic"] == []
+    assert "compatible with GPU delegate" in report["gpu_compatibility"]
     labels = (directory / "labels.txt").read_text().splitlines()
-    assert labels == [f"class_{i}" for i in range(10)]
+    assert labels == [name for _, name in imagenet_classes()]
+    metadata = read_tflite_metadata(str(path))
+    assert metadata["labels.txt"].decode().splitlines() == labels
+    contract = json.loads(metadata["input_contract.json"])
+    assert contract["range"] == [0, 255] and contract["shape"] == [1, *size, 3]
 
 
-def test_tflite_float16_is_close(case):
+def test_tflite_float16_is_close_and_about_half_the_size(case):
     model, size, images, expected, directory = case
     float16 = export(model, directory / "f16.tflite", image_size=size, quantize="float16")
     output, _ = run_tflite(float16, images)
     assert np.abs(output - expected).max() <= 1e-2
+    assert os.path.getsize(float16) <= 0.55 * os.path.getsize(float32_file(case))
+
+
+def test_tflite_full_integer_int8_runs_and_is_under_a_third(case, calibration_images):
+    model, size, images, _, directory = case
+    int8 = export(model, directory / "int8.tflite", image_size=size, quantize="int8",
+                  representative_data=calibration_images)
+    output, _ = run_tflite(int8, images)
+    assert output.shape == (1, 1000) and np.isfinite(output).all()
+    assert os.path.getsize(int8) <= 0.3 * os.path.getsize(float32_file(case))
+    assert set(tflite_report(str(int8))["float_ops"]) <= {"DEQUANTIZE", "NEG"}
 
 
 def test_onnx_matches(case):
@@ -76,12 +110,13 @@ def test_saved_model_serving_signature_matches(case):
     assert np.abs(output.numpy() - expected).max() <= 1e-5
 
 
-def test_logits_output(case):
-    model, size, images, _, directory = case
-    path = export(model, directory / "logits.tflite", image_size=size, output="logits")
+def test_logits_output(tmp_path):
+    model = keras_twins.Twins(**TINY_PCPVT, classes=10)
+    images = np.random.default_rng(3).uniform(0, 255, (2, 224, 224, 3)).astype(np.float32)
+    path = export(model, tmp_path / "logits.tflite", output="logits", batch_size=2)
     logits, _ = run_tflite(path, images)
     probabilities = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-    assert np.abs(probabilities - case[3]).max() <= 1e-5
+    assert np.abs(probabilities - model.predict(images, verbose=0)).max() <= 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +144,9 @@ def test_quantized_files_run_and_shrink(calibration_images, tmp_path):
     output, _ = run_tflite(int8, images)
     assert output.shape == (1, 10) and np.isfinite(output).all()
     assert os.path.getsize(int8) <= 0.3 * os.path.getsize(float32)
+    # Integer kernels throughout, but for the output's dequantization and
+    # LayerNorm's negation, which have no int8 kernel.
+    assert set(tflite_report(str(int8))["float_ops"]) <= {"DEQUANTIZE", "NEG"}
     dynamic = export(model, tmp_path / "dynamic.tflite", quantize="dynamic")
     assert run_tflite(dynamic, images)[0].shape == (1, 10)
 
@@ -126,3 +164,67 @@ def test_bad_export_arguments_leave_no_file(kwargs, message, tmp_path):
     assert os.listdir(tmp_path) == []
     with pytest.raises(ExportError, match="not writable|does not exist"):
         export(model, tmp_path / "missing" / "model.tflite")
+
+
+def test_cli_export_writes_a_file_and_reports(tmp_path):
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({**TINY, "classes": 10}))
+    output = tmp_path / "tiny.tflite"
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_twins", "export", "--model", str(config),
+         "--weights", "none", "--format", "tflite", "--output", str(output),
+         "--image-size", "97", "131"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "GPU delegate" in result.stdout and "1x97x131x3" in result.stdout
+    outputs, _ = run_tflite(output, np.zeros((1, 97, 131, 3), np.float32))
+    assert outputs.shape == (1, 10)
+    for bad, named in [(["--format", "coreml"], "coreml"),
+                       (["--format", "tflite", "--quantize", "int8"], "representative_data"),
+                       (["--format", "tflite", "--image-size", "16"], "--image-size")]:
+        failed = subprocess.run(
+            [sys.executable, "-m", "keras_twins", "export", "--model", str(config),
+             "--weights", "none", "--output", str(tmp_path / "bad.tflite"), *bad],
+            capture_output=True, text=True, timeout=600)
+        assert failed.returncode != 0 and "Traceback" not in failed.stderr
+        last = failed.stderr.strip().splitlines()[-1]
+        assert last.startswith("error:") and named in last, last
+        assert not (tmp_path / "bad.tflite").exists()
+
+
+def test_int8_top1_agreement_on_a_trained_model(tmp_path):
+    """A small Twins-SVT trained on scikit-learn's digits, exported to full int8."""
+    import keras
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = digits.images.astype(np.float32) / 16.0 * 255.0
+    images = np.repeat(np.repeat(images, 4, axis=1), 4, axis=2)[..., None].repeat(3, -1)
+    order = np.random.default_rng(0).permutation(len(images))
+    images, labels = images[order], digits.target[order]
+    train, test = slice(0, 1400), slice(1400, None)
+
+    keras.utils.set_random_seed(0)
+    model = keras_twins.Twins(embed_dims=(32, 64, 96, 128), depths=(1, 1, 2, 1),
+                              num_heads=(1, 2, 3, 4), mlp_ratios=(2, 2, 2, 2),
+                              sr_ratios=(8, 4, 2, 1), window_sizes=(7, 7, 7, 7),
+                              classes=10, input_shape=(32, 32, 3))
+    model.compile(keras.optimizers.AdamW(1e-3), "sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    model.fit(images[train], labels[train], epochs=8, batch_size=32, verbose=0)
+    keras_predictions = model.predict(images[test], verbose=0).argmax(-1)
+    keras_accuracy = np.mean(keras_predictions == labels[test])
+    assert keras_accuracy >= 0.9  # it learned: agreement below means something
+
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    for i, image in enumerate(images[:100]):
+        Image.fromarray(image.astype(np.uint8)).save(calibration / f"{i}.png")
+    int8 = export(model, tmp_path / "digits_int8.tflite", quantize="int8",
+                  representative_data=calibration)
+    int8_predictions = np.array([run_tflite(int8, image[None])[0].argmax()
+                                 for image in images[test]])
+    agreement = np.mean(int8_predictions == keras_predictions)
+    print(f"\nKeras top-1 {keras_accuracy:.4f}, int8 top-1 "
+          f"{np.mean(int8_predictions == labels[test]):.4f}, agreement {agreement:.4f} "
+          f"on {len(int8_predictions)} held-out digits")
+    assert agreement >= 0.95
