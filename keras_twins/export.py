@@ -67,10 +67,13 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
     if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
         raise ExportError(f"{path}: the output directory does not exist or is not writable")
     height, width = _image_size(model, image_size)
+    if min(height, width) < 32 or batch_size < 1:
+        raise ExportError("the input must be at least 32x32 with a batch of at least 1. "
+                          f"Received: image_size={(height, width)}, batch_size={batch_size}")
     spec = tf.TensorSpec((batch_size, height, width, 3), tf.float32, name="images")
     function = tf.function(_forward(model, output), input_signature=[spec], autograph=False)
 
-    labels = _labels(model)
+    labels = "\n".join(_labels(model)) + "\n"
     with _staged(path) as staging:
         if format == "saved_model":
             _write_saved_model(model, function, spec, staging)
@@ -78,14 +81,14 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
             content = _tflite(function, model, quantize, representative_data, spec)
             contract = dict(INPUT_CONTRACT, shape=list(spec.shape), output=output)
             content = _with_metadata(content, {
-                "labels.txt": "\n".join(labels).encode() + b"\n",
+                "labels.txt": labels.encode(),
                 "input_contract.json": json.dumps(contract).encode(),
             })
             with open(staging, "wb") as f:
                 f.write(content)
         else:
             _write_onnx(function, spec, staging)
-    _write_text(os.path.join(directory, "labels.txt"), "\n".join(labels) + "\n")
+    _write_text(os.path.join(directory, "labels.txt"), labels)
     return path
 
 

@@ -156,6 +156,8 @@ def test_quantized_files_run_and_shrink(calibration_images, tmp_path):
     (dict(quantize="int4"), "Received: quantize='int4'"),
     (dict(quantize="int8", representative_data="/no/such/folder"), "/no/such/folder"),
     (dict(format="onnx", quantize="float16"), "TFLite only"),
+    (dict(image_size=(16, 224)), "at least 32x32"),
+    (dict(batch_size=0), "batch_size=0"),
 ])
 def test_bad_export_arguments_leave_no_file(kwargs, message, tmp_path):
     model = keras_twins.Twins(**TINY, classes=10)
