@@ -1,4 +1,4 @@
-"""The `keras-twins` command: predict, convert, export, info.
+"""The `keras-twins` command: predict, convert, export, train, evaluate, info.
 
     keras-twins predict IMAGE... [--model twins_svt_small] [--weights imagenet|PATH]
                                  [--top 5] [--json]
@@ -6,6 +6,11 @@
     keras-twins export --format tflite|onnx|saved_model --output PATH [--model NAME|CONFIG.json]
                        [--weights imagenet|PATH|none] [--quantize none|float16|dynamic|int8]
                        [--representative-data DIR] [--image-size H [W]] [--batch-size 1] [--logits]
+    keras-twins train --data tfds:NAME|DIR --output DIR [--model NAME|CONFIG.json]
+                      [--weights imagenet|PATH] [--image-size H [W]] [--epochs N]
+                      [--batch-size B] [--augment imagenet|light|none] [--strategy ...]
+                      [--backup-dir DIR] [--resume] ...  (--help lists them all)
+    keras-twins evaluate --data tfds:NAME|DIR --model-file DIR/model.keras [--split NAME]
     keras-twins info
 """
 
@@ -61,6 +66,51 @@ def main(argv=None):
     export.add_argument("--logits", action="store_true",
                         help="output logits instead of probabilities")
 
+    train = commands.add_parser("train", help="train or fine-tune with model.fit")
+    train.add_argument("--data", required=True,
+                       help="tfds:NAME or an image folder ROOT/SPLIT/LABEL/*.jpg|png")
+    train.add_argument("--output", required=True, help="the run folder")
+    train.add_argument("--model", default="twins_svt_small",
+                       help="variant name, or a JSON file of keras_twins.Twins arguments")
+    train.add_argument("--weights", default="none",
+                       help="'none' (default), 'imagenet' or a checkpoint path")
+    train.add_argument("--image-size", type=int, nargs="+", default=[224], metavar="H [W]")
+    train.add_argument("--epochs", type=int, default=300)
+    train.add_argument("--batch-size", type=int, default=128, help="per replica")
+    train.add_argument("--augment", default="imagenet", help="imagenet, light or none")
+    train.add_argument("--learning-rate", type=float,
+                       help="peak rate (default 1e-3 x global batch / 1024)")
+    train.add_argument("--weight-decay", type=float, default=0.05)
+    train.add_argument("--warmup-epochs", type=float, default=5)
+    train.add_argument("--drop-path-rate", type=float,
+                       help="default 0.2 / 0.3 / 0.5 for small / base / large, else 0.1")
+    train.add_argument("--label-smoothing", type=float, default=0.1)
+    train.add_argument("--strategy", default="auto",
+                       help="auto, one_device, mirrored, multi_worker or tpu")
+    train.add_argument("--tpu", help="TPU name or address (--strategy tpu)")
+    train.add_argument("--jit-compile", action="store_true", help="compile steps with XLA")
+    train.add_argument("--mixed-precision", default="none", help="none, float16 or bfloat16")
+    train.add_argument("--backup-dir", help="BackupAndRestore folder (default OUTPUT/backup)")
+    train.add_argument("--backup-freq", default="epoch", help="'epoch' or a number of steps")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run already in --output")
+    train.add_argument("--validation-split", default="auto",
+                       help="split name, 'auto' (validation, val or test) or 'none'")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--cache", action="store_true", help="keep decoded images in memory")
+    train.add_argument("--deterministic", action="store_true")
+    train.add_argument("--data-dir", help="tensorflow-datasets data folder")
+    train.add_argument("--manual-dir", help="tensorflow-datasets manual download folder")
+
+    evaluate = commands.add_parser("evaluate", help="loss, top-1 and top-5 on a split")
+    evaluate.add_argument("--data", required=True, help="tfds:NAME or an image folder")
+    evaluate.add_argument("--model-file", required=True, help="a model.keras file")
+    evaluate.add_argument("--split", default="auto",
+                          help="split name, or 'auto' (validation, val or test)")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--data-dir", help="tensorflow-datasets data folder")
+    evaluate.add_argument("--json", action="store_true", help="print JSON")
+
     commands.add_parser("info", help="variants, sizes and cached weights")
 
     args = parser.parse_args(argv)
@@ -74,6 +124,10 @@ def main(argv=None):
                 output = _predict(args)
             elif args.command == "export":
                 output = _export(args)
+            elif args.command == "train":
+                output = _train(args)
+            elif args.command == "evaluate":
+                output = _evaluate(args)
             else:
                 output = _info()
     except CommandError as error:
@@ -194,6 +248,86 @@ def _export(args):
             lines.append("ops computing in float: "
                          + (", ".join(report["float_ops"]) or "none"))
     return "\n".join(lines)
+
+
+def _train(args):
+    from keras_twins.pretrained import WeightsDownloadError
+    from keras_twins.training import train
+
+    model = args.model
+    if model.endswith(".json"):
+        try:
+            with open(model) as f:
+                model = json.load(f)
+        except (OSError, json.JSONDecodeError) as error:
+            raise CommandError(f"{args.model}: not a usable model configuration "
+                               f"({_one_line(error)})") from None
+        if not isinstance(model, dict):
+            raise CommandError(f"{args.model}: must hold a JSON object of "
+                               "keras_twins.Twins arguments")
+    if args.weights not in ("none", "imagenet") and not os.path.isfile(args.weights):
+        raise CommandError(f"{args.weights}: no such weights file")
+    backup_freq = args.backup_freq
+    if backup_freq != "epoch":
+        if not backup_freq.isdigit() or int(backup_freq) < 1:
+            raise CommandError(f"--backup-freq takes 'epoch' or a number of steps. "
+                               f"Received: {backup_freq}")
+        backup_freq = int(backup_freq)
+    try:
+        with _progress_to_terminal():
+            result = train(
+                args.data, model, output=args.output, image_size=args.image_size,
+                epochs=args.epochs, batch_size=args.batch_size,
+                weights=None if args.weights == "none" else args.weights,
+                augment=args.augment, learning_rate=args.learning_rate,
+                weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+                drop_path_rate=args.drop_path_rate, label_smoothing=args.label_smoothing,
+                strategy=args.strategy, tpu=args.tpu, jit_compile=args.jit_compile,
+                mixed_precision=args.mixed_precision, backup_dir=args.backup_dir,
+                backup_freq=backup_freq, resume=args.resume, seed=args.seed,
+                cache=args.cache, deterministic=args.deterministic,
+                validation_split=None if args.validation_split == "none"
+                else args.validation_split,
+                data_dir=args.data_dir, manual_dir=args.manual_dir)
+    except (ValueError, WeightsDownloadError) as error:  # TrainingError, DataError
+        raise CommandError(_one_line(error)) from None
+    history = result.history
+    lines = [f"trained {len(history.get('loss', []))} epoch(s) into {result.output}"]
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "val_top5"):
+        if history.get(key):
+            lines.append(f"  {key}: {history[key][-1]:.4f}")
+    if result.skipped_files:
+        lines.append(f"skipped {len(result.skipped_files)} unreadable image file(s): "
+                     + ", ".join(result.skipped_files[:5]))
+    lines.append(f"model: {os.path.join(result.output, 'model.keras')}; curves: "
+                 f"{os.path.join(result.output, 'training.png')}")
+    return "\n".join(lines)
+
+
+def _evaluate(args):
+    from keras_twins.training import evaluate
+
+    try:
+        with _progress_to_terminal():
+            results = evaluate(args.data, args.model_file, split=args.split,
+                               batch_size=args.batch_size, data_dir=args.data_dir)
+    except ValueError as error:
+        raise CommandError(_one_line(error)) from None
+    if args.json:
+        return json.dumps(results, indent=2)
+    lines = [f"{results['examples']} examples: loss {results['loss']:.4f}, "
+             f"top-1 {results['accuracy']:.4f}, top-5 {results['top5']:.4f}"]
+    if results["skipped"]:
+        lines.append(f"skipped {len(results['skipped'])} unreadable image file(s): "
+                     + ", ".join(results["skipped"][:5]))
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _progress_to_terminal():
+    """Keras' progress bar on stderr, keeping stdout for the results."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 def _info():

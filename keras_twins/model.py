@@ -107,8 +107,10 @@ def Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios,
 
     if include_top:
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        # float32 under mixed precision too: the logits and softmax must not
+        # overflow or lose small probabilities.
         x = keras.layers.Dense(
-            classes, activation=classifier_activation, name="head"
+            classes, activation=classifier_activation, dtype="float32", name="head"
         )(x)
     elif pooling == "avg":
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)

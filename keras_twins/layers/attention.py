@@ -69,7 +69,10 @@ class MultiHeadAttentionCore(keras.layers.Layer):
             # the softmax is exactly 1, so skip it and Keras' warning about it.
             weights = ops.ones_like(scores)
         else:
-            weights = ops.softmax(scores, axis=-1)
+            # float32 even under mixed precision, so large scores cannot
+            # overflow; both casts vanish from a float32 graph.
+            weights = ops.cast(ops.softmax(ops.cast(scores, "float32"), axis=-1),
+                               scores.dtype)
         weights = self.attention_dropout_layer(weights, training=training)
         out = ops.transpose(ops.matmul(weights, value), (0, 2, 1, 3))
         return ops.reshape(out, (-1, n_query, self.dim))

@@ -1,0 +1,426 @@
+"""tf.data input pipelines for training and evaluating Twins classifiers.
+
+Two kinds of source give the same thing, decoded RGB images with integer
+labels:
+
+- `"tfds:NAME"`: a tensorflow-datasets image-classification dataset (for
+  ImageNet, `tfds:imagenet2012` with the archives in its manual directory).
+- a folder in the `tfds.ImageFolder` layout, `ROOT/SPLIT/LABEL/*.jpg|png`.
+  Unreadable files are found before training, skipped and counted.
+
+`training_pipeline` adds the paper's augmentation (DeiT's): random-resized
+crop, flip, RandAugment, random erasing, then MixUp or CutMix per batch;
+`evaluation_pipeline` resizes the shorter side to `size / 0.9` and takes the
+center crop, as the references evaluate.
+"""
+
+import dataclasses
+import math
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_twins import variants
+
+TFDS_PREFIX = "tfds:"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+VALIDATION_SPLITS = ("validation", "val", "test")
+AUGMENTATIONS = ("imagenet", "light", "none")
+
+
+class DataError(ValueError):
+    """The data cannot be used; the message says what and where."""
+
+
+@dataclasses.dataclass
+class Split:
+    """One split of a source: decoded examples and what is known about them.
+
+    Attributes:
+        dataset: `tf.data.Dataset` of `(uint8 image (H, W, 3), int32 label)`,
+            not shuffled; folders list their files in sorted order.
+        class_names: the label names, indexed by label.
+        num_examples: how many examples `dataset` yields.
+        skipped: files of the split that could not be decoded (folders).
+        paths: for folders, the files in `dataset` order (shuffled cheaply
+            before decoding by `training_pipeline`).
+    """
+
+    dataset: tf.data.Dataset
+    class_names: list
+    num_examples: int
+    skipped: list = dataclasses.field(default_factory=list)
+    paths: tf.Tensor = None
+    labels: tf.Tensor = None
+
+
+def load_split(source, split, data_dir=None, manual_dir=None):
+    """Loads `split` of `source` (`"tfds:NAME"` or an image folder).
+
+    Raises:
+        DataError: unknown dataset or split, no images, or no labels.
+    """
+    source = os.fspath(source)
+    if source.startswith(TFDS_PREFIX):
+        return _tfds_split(source[len(TFDS_PREFIX):], split, data_dir, manual_dir)
+    return _folder_split(source, split)
+
+
+def split_names(source, data_dir=None, manual_dir=None):
+    """The split names that `source` offers."""
+    source = os.fspath(source)
+    if source.startswith(TFDS_PREFIX):
+        builder = _tfds_builder(source[len(TFDS_PREFIX):], data_dir, manual_dir)
+        return list(builder.info.splits)
+    if not os.path.isdir(source):
+        raise DataError(f"{source}: no such folder (expected ROOT/SPLIT/LABEL/*.jpg|png "
+                        "or tfds:NAME)")
+    return sorted(d for d in os.listdir(source) if os.path.isdir(os.path.join(source, d)))
+
+
+def default_validation_split(source, data_dir=None, manual_dir=None):
+    """The first of validation, val, test that `source` has, else `None`."""
+    names = split_names(source, data_dir, manual_dir)
+    return next((name for name in VALIDATION_SPLITS if name in names), None)
+
+
+def check_same_classes(train, validation, validation_name):
+    if train.class_names != validation.class_names:
+        missing = sorted(set(train.class_names) - set(validation.class_names))
+        extra = sorted(set(validation.class_names) - set(train.class_names))
+        raise DataError(
+            f"the {validation_name} split's classes differ from the train split's "
+            f"(missing: {', '.join(missing) or 'none'}; not in train: "
+            f"{', '.join(extra) or 'none'}); both must hold the same class folders"
+        )
+
+
+# --- image folders -------------------------------------------------------
+
+
+def _folder_split(root, split):
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: no such folder (expected ROOT/SPLIT/LABEL/*.jpg|png "
+                        "or tfds:NAME)")
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder):
+        raise DataError(f"{root}: no '{split}' split (found: "
+                        f"{', '.join(split_names(root)) or 'no sub-folders'})")
+    class_names = sorted(d for d in os.listdir(folder)
+                         if os.path.isdir(os.path.join(folder, d)))
+    paths, labels = [], []
+    for label, name in enumerate(class_names):
+        for file in sorted(os.listdir(os.path.join(folder, name))):
+            if file.lower().endswith(IMAGE_SUFFIXES):
+                paths.append(os.path.join(folder, name, file))
+                labels.append(label)
+    if not paths:
+        raise DataError(f"{folder}: no images found (expected {folder}/LABEL/*.jpg|png)")
+    readable = _readable(paths)
+    skipped = [path for path in paths if path not in readable]
+    kept = [(path, label) for path, label in zip(paths, labels) if path in readable]
+    if not kept:
+        raise DataError(f"{folder}: none of its {len(paths)} image files can be decoded")
+    paths = tf.constant([path for path, _ in kept])
+    labels = tf.constant([label for _, label in kept], tf.int32)
+    dataset = tf.data.Dataset.from_tensor_slices((paths, labels)).map(
+        _decode_file, num_parallel_calls=tf.data.AUTOTUNE)
+    return Split(dataset, class_names, len(kept), skipped, paths, labels)
+
+
+def _decode_file(path, label):
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    return tf.ensure_shape(image, [None, None, 3]), label
+
+
+def _readable(paths):
+    """The paths whose files decode, found in one parallel pass."""
+    check = tf.data.Dataset.from_tensor_slices(paths).map(
+        lambda path: (path, tf.shape(_decode_file(path, 0)[0])[0]),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    ).ignore_errors()
+    return {path.decode() for path, _ in check.as_numpy_iterator()}
+
+
+# --- tensorflow-datasets -------------------------------------------------
+
+
+def _tfds_builder(name, data_dir=None, manual_dir=None):
+    """The builder of `name`, prepared (downloaded, or read from manual_dir)."""
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise DataError(f"unknown tensorflow-datasets name {name!r} (see "
+                        "https://www.tensorflow.org/datasets/catalog)") from None
+    try:
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    except (ValueError, AssertionError, OSError) as error:
+        # e.g. ImageNet's archives are not in the manual directory
+        raise DataError(f"tfds:{name} cannot be prepared: {' '.join(str(error).split())}"
+                        ) from None
+    return builder
+
+
+def _tfds_split(name, split, data_dir, manual_dir):
+    builder = _tfds_builder(name, data_dir, manual_dir)
+    info = builder.info
+    if info.supervised_keys is None:
+        raise DataError(f"tfds:{name} has no (image, label) supervised keys")
+    label_feature = info.features[info.supervised_keys[1]]
+    if not hasattr(label_feature, "names"):
+        raise DataError(f"tfds:{name}: '{info.supervised_keys[1]}' is not a class label")
+    # Mocked builders (tfds.testing.mock_data) list no splits and accept any.
+    if info.splits and split not in info.splits:
+        raise DataError(f"tfds:{name} has no split {split!r} (found: "
+                        f"{', '.join(info.splits)})")
+    dataset = builder.as_dataset(split=split, as_supervised=True)
+    num_examples = (info.splits[split].num_examples if info.splits
+                    else int(dataset.cardinality()))
+    dataset = dataset.map(
+        lambda image, label: (_three_channels(image), tf.cast(label, tf.int32)),
+        num_parallel_calls=tf.data.AUTOTUNE)
+    return Split(dataset, list(label_feature.names), num_examples)
+
+
+def _three_channels(image):
+    image = tf.cast(image, tf.uint8)
+    if image.shape.rank == 2:
+        image = image[..., None]
+    channels = tf.shape(image)[-1]
+    image = tf.cond(channels == 1, lambda: tf.image.grayscale_to_rgb(image[..., :1]),
+                    lambda: image[..., :3])
+    return tf.ensure_shape(image, [None, None, 3])
+
+
+# --- pipelines -----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    """What `training_pipeline` does to each image and batch.
+
+    The `imagenet` defaults are the paper's (DeiT's) regularization.
+    """
+
+    crop_scale: tuple = (0.08, 1.0)
+    crop_ratio: tuple = (3 / 4, 4 / 3)
+    flip: bool = True
+    rand_augment_magnitude: float = 9.0  # of 10; 0 turns RandAugment off
+    random_erasing: float = 0.25
+    mixup_alpha: float = 0.8
+    cutmix_alpha: float = 1.0
+    mix_switch_prob: float = 0.5  # CutMix instead of MixUp, per batch
+
+    @classmethod
+    def named(cls, name):
+        if name == "imagenet":
+            return cls()
+        if name == "light":
+            return cls(crop_scale=(0.35, 1.0), rand_augment_magnitude=0.0,
+                       random_erasing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0)
+        if name == "none":
+            return None
+        raise DataError(f"augment must be one of {', '.join(AUGMENTATIONS)}. "
+                        f"Received: augment={name!r}")
+
+
+def training_pipeline(split, image_size, global_batch_size, augment="imagenet",
+                      seed=0, cache=False, deterministic=False):
+    """Shuffled, augmented batches of `(float32 images in [0, 255], one-hot labels)`.
+
+    Args:
+        split: a `Split` from `load_split`.
+        image_size: `(height, width)` of the crops.
+        global_batch_size: examples per step over all replicas; the last
+            partial batch is dropped so every step has the same shape.
+        augment: `"imagenet"`, `"light"` (crop and flip), `"none"` (the
+            evaluation resize and crop), or an `Augmentation`.
+        seed: seeds shuffling and augmentation.
+        cache: keep the decoded images in memory after the first epoch.
+        deterministic: the same order and augmentation on every run with
+            the same seed (slower: no parallel reordering).
+    """
+    height, width = image_size
+    num_classes = len(split.class_names)
+    policy = augment if isinstance(augment, Augmentation) else Augmentation.named(augment)
+    if split.num_examples < global_batch_size:
+        raise DataError(f"the training split has {split.num_examples} examples, fewer "
+                        f"than one batch of {global_batch_size}; lower the batch size")
+    if split.paths is not None and not cache:
+        # Shuffle file names, not decoded images: cheap and complete.
+        dataset = tf.data.Dataset.from_tensor_slices((split.paths, split.labels)).shuffle(
+            split.num_examples, seed=seed, reshuffle_each_iteration=True,
+        ).map(_decode_file, num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        dataset = split.dataset.cache() if cache else split.dataset
+        dataset = dataset.shuffle(min(split.num_examples, 10_000), seed=seed,
+                                  reshuffle_each_iteration=True)
+
+    if policy is None:
+        def transform(image, label):
+            return center_crop(image, image_size), label
+    else:
+        rand_augment = _rand_augment(policy.rand_augment_magnitude, seed)
+        erasing = keras.layers.RandomErasing(
+            factor=policy.random_erasing, value_range=(0, 255), seed=seed,
+        ) if policy.random_erasing else None
+
+        def transform(image, label):
+            image = random_resized_crop(image, image_size, policy.crop_scale,
+                                        policy.crop_ratio, seed)
+            if policy.flip:
+                image = tf.image.random_flip_left_right(image, seed=seed)
+            if rand_augment is not None:
+                image = rand_augment(image, training=True)
+            if erasing is not None:
+                image = erasing(image, training=True)
+            return tf.clip_by_value(image, 0.0, 255.0), label
+
+    dataset = dataset.map(
+        lambda image, label: transform(image, tf.one_hot(label, num_classes)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    ).batch(global_batch_size, drop_remainder=True)
+    if policy is not None and (policy.mixup_alpha or policy.cutmix_alpha):
+        dataset = dataset.map(_mixer(policy, seed), num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.map(lambda images, labels: (
+        tf.ensure_shape(images, [global_batch_size, height, width, 3]), labels))
+    return _finish(dataset, deterministic)
+
+
+def evaluation_pipeline(split, image_size, global_batch_size, cache=False,
+                        drop_remainder=False):
+    """Batches of the evaluation transform: shorter side to size / 0.9, center crop."""
+    num_classes = len(split.class_names)
+    dataset = split.dataset.map(
+        lambda image, label: (center_crop(image, image_size),
+                              tf.one_hot(label, num_classes)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    if cache:
+        dataset = dataset.cache()
+    dataset = dataset.batch(global_batch_size, drop_remainder=drop_remainder)
+    return _finish(dataset, deterministic=True)
+
+
+def _finish(dataset, deterministic):
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    # Each worker reads every file and keeps its share of the examples, which
+    # works for in-memory and generated sources as well as files.
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA)
+    return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def center_crop(image, image_size, crop_pct=variants.CROP_PCT):
+    """timm's evaluation transform in TensorFlow, as float32 in [0, 255].
+
+    A square size resizes the shorter side to `floor(size / crop_pct)`; a
+    non-square one resizes to `floor(H / crop_pct) x floor(W / crop_pct)`.
+    """
+    height, width = image_size
+    if height == width:
+        shape = tf.cast(tf.shape(image)[:2], tf.float32)
+        scale = math.floor(height / crop_pct) / tf.reduce_min(shape)
+        resized = tf.cast(tf.round(shape * scale), tf.int32)
+    else:
+        resized = tf.constant([math.floor(height / crop_pct), math.floor(width / crop_pct)])
+    image = tf.image.resize(image, resized, method="bicubic", antialias=True)
+    top = (resized[0] - height) // 2
+    left = (resized[1] - width) // 2
+    image = image[top:top + height, left:left + width]
+    return tf.clip_by_value(tf.ensure_shape(image, [height, width, 3]), 0.0, 255.0)
+
+
+def random_resized_crop(image, image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                        seed=None):
+    """A crop of random area fraction `scale` and aspect `ratio`, resized bicubically.
+
+    Falls back to the whole image after 10 failed draws, as Inception did.
+    """
+    begin, size, _ = tf.image.sample_distorted_bounding_box(
+        tf.shape(image), bounding_boxes=tf.zeros([1, 0, 4]), seed=seed,
+        min_object_covered=0.0, aspect_ratio_range=ratio, area_range=scale,
+        max_attempts=10, use_image_if_no_bounding_boxes=True,
+    )
+    crop = tf.slice(image, begin, size)
+    image = tf.image.resize(crop, image_size, method="bicubic", antialias=True)
+    return tf.ensure_shape(image, [*image_size, 3])
+
+
+def _rand_augment(magnitude, seed):
+    """Keras' RandAugment, two operations per image, at timm's magnitude scale.
+
+    Keras uses one strength for all operations; the geometric ones get timm's
+    ranges for `magnitude` (rotation 30 degrees, shear 0.3, translation 0.45
+    of the side, each times magnitude / 10) so that they do not turn images
+    upside down.
+    """
+    if not magnitude:
+        return None
+    strength = magnitude / 10.0
+    layer = keras.layers.RandAugment(value_range=(0, 255), num_ops=2, factor=strength,
+                                     interpolation="bilinear", seed=seed)
+    geometric = dict(
+        random_rotation=keras.layers.RandomRotation(30.0 / 360.0 * strength, seed=seed),
+        random_shear=keras.layers.RandomShear(0.3 * strength, 0.3 * strength, seed=seed),
+        random_translation=keras.layers.RandomTranslation(
+            0.45 * strength, 0.45 * strength, seed=seed),
+    )
+    for name, replacement in geometric.items():
+        if name not in type(layer)._AUGMENT_LAYERS:
+            raise RuntimeError(f"keras.layers.RandAugment has no '{name}' operation "
+                               "in this Keras version")
+        setattr(layer, name, replacement)
+    return layer
+
+
+def _mixer(policy, seed):
+    """MixUp or CutMix on each batch, one of them chosen per batch."""
+    mixup = keras.layers.MixUp(alpha=policy.mixup_alpha, seed=seed) if policy.mixup_alpha else None
+    cutmix = keras.layers.CutMix(factor=policy.cutmix_alpha, seed=seed) if policy.cutmix_alpha else None
+
+    def mix(images, labels):
+        data = {"images": images, "labels": labels}
+        if mixup is None or cutmix is None:
+            mixed = (mixup or cutmix)(data, training=True)
+        else:
+            use_cutmix = tf.random.uniform([], seed=seed) < policy.mix_switch_prob
+            mixed = tf.cond(use_cutmix, lambda: cutmix(data, training=True),
+                            lambda: mixup(data, training=True))
+        return mixed["images"], mixed["labels"]
+
+    return mix
+
+
+
+def write_digits_folder(root, image_size=32, validation_fraction=0.2, seed=0):
+    """Writes scikit-learn's bundled handwritten digits as an image folder.
+
+    `root/train/0..9/*.png` and `root/validation/0..9/*.png`: the 1,797 8x8
+    digits, upscaled to `image_size` (nearest neighbour) as 8-bit RGB, split
+    per class. Needs scikit-learn, no network. Returns `root`.
+    """
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    for label in range(10):
+        indices = rng.permutation(np.flatnonzero(digits.target == label))
+        held_out = int(round(len(indices) * validation_fraction))
+        for split, chosen in (("validation", indices[:held_out]),
+                              ("train", indices[held_out:])):
+            folder = os.path.join(root, split, str(label))
+            os.makedirs(folder, exist_ok=True)
+            for i in chosen:
+                pixels = (digits.images[i] * (255.0 / 16.0)).round().astype(np.uint8)
+                Image.fromarray(pixels).convert("RGB").resize(
+                    (image_size, image_size), Image.NEAREST
+                ).save(os.path.join(folder, f"{i:04d}.png"))
+    return os.fspath(root)

@@ -1,0 +1,602 @@
+"""Training Twins with `model.fit`: the paper's recipe, tf.distribute, resumable runs.
+
+The recipe (Chu et al., 2021, following DeiT): AdamW at 1e-3 x global batch /
+1024 with weight decay 0.05 (none on biases, norms and the PEG convolutions),
+5 warm-up epochs then cosine decay to zero per step, global gradient-norm
+clipping at 5.0, label smoothing 0.1, stochastic depth 0.2 / 0.3 / 0.5 for
+small / base / large models, 300 epochs.
+
+A run writes into its output folder:
+
+    run.json            the settings, so that the same command can resume
+    labels.txt          the class names, one per line, in label order
+    history.csv         one row per epoch: loss, accuracy, top-5, validation
+    training.png        loss and accuracy curves, train and validation
+    logs/               TensorBoard
+    checkpoints/        best.keras (by validation loss) and last.keras
+    backup/             BackupAndRestore's state while the run is unfinished
+    model.keras         the trained model: raw [0, 255] RGB in, probabilities out
+"""
+
+import contextlib
+import csv
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+
+import keras
+import tensorflow as tf
+
+from keras_twins import data as data_lib
+from keras_twins import variants
+from keras_twins.layers import PositionalEncodingGenerator
+
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
+MIXED_PRECISION = {None: None, "none": None, "float16": "mixed_float16",
+                   "bfloat16": "mixed_bfloat16"}
+DROP_PATH_RATES = {"small": 0.2, "base": 0.3, "large": 0.5}
+CUSTOM_DROP_PATH_RATE = 0.1
+# Settings that change what a run computes; the same values resume a run.
+_RUN_KEYS = ("data", "model", "weights", "image_size", "epochs", "batch_size", "augment",
+             "learning_rate", "weight_decay", "warmup_epochs", "drop_path_rate",
+             "label_smoothing", "seed", "mixed_precision")
+
+
+class TrainingError(ValueError):
+    """Bad training input; the message is one line that names the problem."""
+
+
+@dataclasses.dataclass
+class TrainingResult:
+    model: keras.Model
+    history: dict
+    output: str
+    class_names: list
+    skipped_files: list
+
+
+def peak_learning_rate(global_batch_size, base=1e-3):
+    """The recipe's linear scaling: `base` at a global batch of 1024."""
+    return base * global_batch_size / 1024
+
+
+def learning_rate_schedule(peak, steps_per_epoch, epochs, warmup_epochs=5):
+    """Linear warm-up from 0 to `peak`, then cosine decay to 0, per step."""
+    total = max(1, steps_per_epoch * epochs)
+    warmup = min(total - 1, int(round(steps_per_epoch * warmup_epochs)))
+    if warmup <= 0:
+        return keras.optimizers.schedules.CosineDecay(peak, decay_steps=total)
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=total - warmup, warmup_target=peak, warmup_steps=warmup)
+
+
+def no_weight_decay_variables(model):
+    """Biases, norm scales and offsets, and the PEG convolutions (as timm)."""
+    excluded = [v for v in model.trainable_variables if len(v.shape) <= 1]
+    for layer in model._flatten_layers():
+        if isinstance(layer, PositionalEncodingGenerator):
+            excluded += [v for v in layer.trainable_variables if len(v.shape) > 1]
+    return excluded
+
+
+@keras.saving.register_keras_serializable(package="keras_twins")
+class AdamW(keras.optimizers.AdamW):
+    """AdamW whose global-norm clipping sees the gradient of the whole global batch.
+
+    Keras clips `global_clipnorm` on each replica's share of the gradient,
+    before the replicas sum their gradients, so a mirrored run clips other
+    gradients than a single device does (measured: 1.6e-3 apart after two
+    steps). Here the replicas first sum their gradients to find the global
+    norm, and each scales its share by the one factor that clips the sum.
+    """
+
+    def __init__(self, *args, clip_global_norm=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.clip_global_norm = clip_global_norm
+
+    def apply(self, grads, trainable_variables=None):
+        if self.clip_global_norm:
+            grads = self._clipped(list(grads))
+        return super().apply(grads, trainable_variables)
+
+    def _clipped(self, grads):
+        present = [g for g in grads if g is not None]
+        context = tf.distribute.get_replica_context()
+        total = present
+        if context is not None and context.num_replicas_in_sync > 1:
+            total = context.all_reduce(tf.distribute.ReduceOp.SUM, present)
+        norm = tf.linalg.global_norm(total)
+        factor = self.clip_global_norm / tf.maximum(norm, self.clip_global_norm)
+        return [None if g is None else g * tf.cast(factor, g.dtype) for g in grads]
+
+    def get_config(self):
+        return {**super().get_config(), "clip_global_norm": self.clip_global_norm}
+
+
+def make_optimizer(model, learning_rate, weight_decay=0.05, clipnorm=5.0):
+    """AdamW with the recipe's weight-decay exclusions and global-norm clipping."""
+    optimizer = AdamW(
+        learning_rate=learning_rate, weight_decay=weight_decay, beta_1=0.9, beta_2=0.999,
+        epsilon=1e-8, clip_global_norm=clipnorm)
+    optimizer.exclude_from_weight_decay(var_list=no_weight_decay_variables(model))
+    return optimizer
+
+
+def compile_for_training(model, optimizer, label_smoothing=0.1, jit_compile=False):
+    """Soft-label cross-entropy (MixUp and CutMix mix one-hot labels), top-1, top-5."""
+    classes = model.output_shape[-1]
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
+                 keras.metrics.TopKCategoricalAccuracy(k=min(5, classes), name="top5")],
+        jit_compile=jit_compile,
+    )
+
+
+def default_drop_path_rate(model):
+    """0.2 / 0.3 / 0.5 for small / base / large variants, 0.1 for other sizes."""
+    if isinstance(model, str):
+        for size, rate in DROP_PATH_RATES.items():
+            if model.endswith(size):
+                return rate
+    return CUSTOM_DROP_PATH_RATE
+
+
+def build_model(model, classes, image_size, weights=None, drop_path_rate=0.0):
+    """A classifier of `classes` at `image_size` from a variant name or a config dict.
+
+    Weights whose head has another size (ImageNet's 1000 classes for
+    fine-tuning) bring everything but the head.
+    """
+    import keras_twins
+
+    if isinstance(model, str):
+        if model not in keras_twins.CONSTRUCTORS:
+            raise TrainingError(f"unknown model {model!r}; choose one of "
+                                f"{', '.join(keras_twins.CONSTRUCTORS)}, or a CONFIG.json")
+        constructor = keras_twins.CONSTRUCTORS[model]
+    else:
+        def constructor(**kwargs):
+            return keras_twins.Twins(**model, **kwargs)
+
+    def build(**kwargs):
+        try:
+            return constructor(input_shape=(*image_size, 3), drop_path_rate=drop_path_rate,
+                               **kwargs)
+        except TypeError as error:
+            raise TrainingError(f"not a usable model configuration: {error}") from None
+
+    classifier = build(classes=classes)
+    if weights is None:
+        return classifier
+    try:
+        backbone = build(include_top=False, weights=weights)
+    except ValueError as error:
+        raise TrainingError(" ".join(str(error).split())) from None
+    transferred = {layer.name: layer for layer in backbone.layers}
+    for layer in classifier.layers:
+        if layer.name in transferred and layer.weights:
+            layer.set_weights(transferred[layer.name].get_weights())
+    if weights != "imagenet" and str(weights).endswith((".weights.h5", ".keras")):
+        with contextlib.suppress(ValueError):  # same head size: take it too
+            classifier.load_weights(weights)
+    return classifier
+
+
+def make_strategy(name="auto", tpu=None):
+    """The tf.distribute strategy named by `--strategy`.
+
+    `auto` picks TPU when `tpu` is given, multi-worker when `TF_CONFIG` lists
+    more than one worker, mirrored over several local GPUs, else one device.
+    `mirrored` without GPUs mirrors over the logical CPUs.
+    """
+    if name not in STRATEGIES:
+        raise TrainingError(f"strategy must be one of {', '.join(STRATEGIES)}. "
+                            f"Received: strategy={name!r}")
+    if name == "auto":
+        if tpu:
+            name = "tpu"
+        elif _tf_config_workers() > 1:
+            name = "multi_worker"
+        else:
+            # Physical devices: listing logical ones would start the runtime,
+            # which must not happen before a multi-worker strategy exists.
+            name = "mirrored" if len(tf.config.list_physical_devices("GPU")) > 1 else (
+                "one_device")
+    gpus = [] if name in ("multi_worker", "tpu") else tf.config.list_logical_devices("GPU")
+    if name == "one_device":
+        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    if name == "mirrored":
+        devices = gpus or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([d.name for d in devices])
+    if name == "multi_worker":
+        if not _tf_config_workers():
+            raise TrainingError("strategy multi_worker needs TF_CONFIG with the cluster's "
+                                "workers and this task's index")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "")
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except (ValueError, tf.errors.OpError) as error:
+        raise TrainingError(f"no TPU {tpu or '(default)'} reachable: "
+                            f"{' '.join(str(error).split())}") from None
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def _tf_config_workers():
+    try:
+        cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
+    except json.JSONDecodeError:
+        raise TrainingError("TF_CONFIG is not valid JSON") from None
+    return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
+
+
+def _is_multi_worker(strategy):
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and (
+        strategy.extended._num_workers > 1)
+
+
+def _is_chief(strategy):
+    if not _is_multi_worker(strategy):
+        return True
+    resolver = strategy.cluster_resolver
+    return resolver.task_type == "chief" or (
+        resolver.task_type == "worker" and resolver.task_id == 0
+        and "chief" not in resolver.cluster_spec().as_dict())
+
+
+def _allow_multi_worker_fit(model, strategy):
+    """Works around Keras 3's `fit` under MultiWorkerMirroredStrategy (keras#20585).
+
+    Keras MEAN-reduces the first input batch across workers to build the
+    model symbolically, and reduces scalar metrics along an axis they lack
+    (tensorflow#72388). The first batch's shapes are all the build needs, and
+    scalars reduce with `axis=None`.
+    """
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    def symbolic_build(iterator=None, data_batch=None):
+        if iterator is not None:
+            for _, _, batches in iterator:
+                data_batch = tf.nest.map_structure(
+                    lambda v: strategy.experimental_local_results(v)[0], next(batches))
+                break
+        with strategy.scope():
+            model._symbolic_build(data_batch=data_batch)
+
+    model._maybe_symbolic_build = symbolic_build
+    reduce = tf_trainer.reduce_per_replica
+    if getattr(reduce, "keras_twins_patched", False):
+        return
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction in ("auto", "mean") and tf_trainer._collective_all_reduce_multi_worker(
+                strategy):
+            return tf.nest.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None),
+                                         values)
+        return reduce(values, strategy, reduction)
+
+    reduce_per_replica.keras_twins_patched = True
+    tf_trainer.reduce_per_replica = reduce_per_replica
+
+
+def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
+          batch_size=128, weights=None, augment="imagenet", learning_rate=None,
+          weight_decay=0.05, warmup_epochs=5, drop_path_rate=None, label_smoothing=0.1,
+          clipnorm=5.0, strategy="auto", tpu=None, jit_compile=False, mixed_precision=None,
+          backup_dir=None, backup_freq="epoch", resume=False, seed=0, cache=False,
+          deterministic=False, validation_split="auto", data_dir=None, manual_dir=None,
+          verbose="auto", callbacks=()):
+    """Trains a Twins classifier with `model.fit` and writes a run folder.
+
+    Args:
+        data: `"tfds:NAME"` or an image folder `ROOT/SPLIT/LABEL/*.jpg|png`;
+            the `train` split trains and `validation_split` validates.
+        model: a variant name, or a dict of `keras_twins.Twins` arguments.
+        output: the run folder (see the module docstring). A folder holding
+            another run is refused unless `resume`.
+        image_size: `H` or `(H, W)`.
+        epochs: total epochs, counting those of a resumed run.
+        batch_size: examples per replica per step; the global batch is
+            `batch_size x strategy.num_replicas_in_sync`.
+        weights: `None`, `"imagenet"` or a checkpoint path; a head of another
+            size is left out (fine-tuning).
+        augment: `"imagenet"` (the paper's), `"light"` (crop and flip) or
+            `"none"`.
+        learning_rate: peak learning rate; default 1e-3 x global batch / 1024.
+        weight_decay, warmup_epochs, label_smoothing, clipnorm: the recipe.
+        drop_path_rate: default 0.2 / 0.3 / 0.5 for small / base / large,
+            0.1 for other sizes.
+        strategy: a `tf.distribute.Strategy` or one of `STRATEGIES`.
+        tpu: the TPU name or address for `strategy="tpu"`.
+        jit_compile: compile the train step with XLA.
+        mixed_precision: `None`, `"float16"` (with loss scaling) or
+            `"bfloat16"`; the attention softmax and the head stay float32,
+            and `model.keras` is saved as float32.
+        backup_dir: BackupAndRestore's folder (default `output/backup`).
+        backup_freq: `"epoch"` or a number of steps between backups.
+        resume: continue the run in `output`: from its backup, or else from
+            `checkpoints/last.keras` up to `epochs`.
+        seed: seeds initialization, shuffling and augmentation.
+        cache: keep decoded images in memory after the first epoch.
+        deterministic: reproducible input order (slower).
+        validation_split: a split name, `"auto"` (validation, val or test,
+            whichever exists) or `None`.
+        data_dir, manual_dir: tensorflow-datasets' folders.
+        verbose: `fit`'s progress display.
+        callbacks: more Keras callbacks.
+
+    Returns:
+        A `TrainingResult`.
+
+    Raises:
+        TrainingError or keras_twins.data.DataError: bad input, with one line
+            that names it.
+    """
+    image_size = _image_size(image_size)
+    if epochs < 1 or batch_size < 1:
+        raise TrainingError(f"epochs and batch_size must be at least 1. Received: "
+                            f"epochs={epochs}, batch_size={batch_size}")
+    if mixed_precision not in MIXED_PRECISION:
+        raise TrainingError("mixed_precision must be None, 'float16' or 'bfloat16'. "
+                            f"Received: mixed_precision={mixed_precision!r}")
+    data_lib.Augmentation.named(augment)  # checks the name
+    if isinstance(strategy, str):
+        strategy = make_strategy(strategy, tpu)
+    chief = _is_chief(strategy)
+    if drop_path_rate is None:
+        drop_path_rate = default_drop_path_rate(model)
+    settings = dict(data=os.fspath(data), model=model,
+                    weights=None if weights is None else os.fspath(weights),
+                    image_size=list(image_size), epochs=epochs, batch_size=batch_size,
+                    augment=augment, learning_rate=learning_rate, weight_decay=weight_decay,
+                    warmup_epochs=warmup_epochs, drop_path_rate=drop_path_rate,
+                    label_smoothing=label_smoothing, seed=seed,
+                    mixed_precision=mixed_precision)
+    output = os.fspath(output)
+    start = _claim_output(output, settings, resume, epochs) if chief else _Start()
+    # Other workers write what the chief writes into a folder thrown away at the end.
+    work = output if chief else tempfile.mkdtemp(prefix="keras_twins_worker_")
+    backup_dir = os.fspath(backup_dir or os.path.join(output, "backup"))
+    if not chief:
+        backup_dir = os.path.join(backup_dir, f"worker_{strategy.cluster_resolver.task_id}")
+
+    train_split = data_lib.load_split(data, "train", data_dir, manual_dir)
+    if validation_split == "auto":
+        validation_split = data_lib.default_validation_split(data, data_dir, manual_dir)
+    validation = None
+    if validation_split:
+        validation = data_lib.load_split(data, validation_split, data_dir, manual_dir)
+        data_lib.check_same_classes(train_split, validation, validation_split)
+    classes = len(train_split.class_names)
+    if classes < 2:
+        raise TrainingError(f"{data}: the train split has {classes} class; at least 2 needed")
+
+    replicas = strategy.num_replicas_in_sync
+    global_batch = batch_size * replicas
+    steps_per_epoch = train_split.num_examples // global_batch
+    train_data = data_lib.training_pipeline(train_split, image_size, global_batch, augment,
+                                            seed=seed, cache=cache,
+                                            deterministic=deterministic)
+    static = _is_multi_worker(strategy) or isinstance(strategy, tf.distribute.TPUStrategy)
+    validation_data = None if validation is None else data_lib.evaluation_pipeline(
+        validation, image_size, global_batch, cache=cache, drop_remainder=static)
+
+    previous_policy = keras.config.dtype_policy()
+    keras.utils.set_random_seed(seed)
+    try:
+        if MIXED_PRECISION[mixed_precision]:
+            keras.config.set_dtype_policy(MIXED_PRECISION[mixed_precision])
+        with strategy.scope():
+            classifier = build_model(model, classes, image_size, weights, drop_path_rate)
+            if start.weights_from:
+                classifier.load_weights(start.weights_from)
+            peak = learning_rate or peak_learning_rate(global_batch)
+            schedule = learning_rate_schedule(peak, steps_per_epoch, epochs, warmup_epochs)
+            compile_for_training(classifier, make_optimizer(classifier, schedule,
+                                                            weight_decay, clipnorm),
+                                 label_smoothing, jit_compile)
+        if _is_multi_worker(strategy):
+            _allow_multi_worker_fit(classifier, strategy)
+        if chief:
+            _write_text(os.path.join(output, "labels.txt"),
+                        "".join(f"{name}\n" for name in train_split.class_names))
+        run_callbacks = [
+            keras.callbacks.BackupAndRestore(backup_dir, save_freq=backup_freq,
+                                             double_checkpoint=True),
+            keras.callbacks.CSVLogger(os.path.join(work, "history.csv"), append=True),
+            keras.callbacks.TensorBoard(os.path.join(work, "logs")),
+            Checkpoints(os.path.join(work, "checkpoints"),
+                        monitor="val_loss" if validation is not None else "loss",
+                        history_csv=os.path.join(work, "history.csv")),
+            TrainingCurves(os.path.join(work, "history.csv"),
+                           os.path.join(work, "training.png")),
+            *callbacks,
+        ]
+        if verbose == "auto":
+            verbose = 1 if chief else 0
+        fitted = classifier.fit(train_data, epochs=epochs, initial_epoch=start.initial_epoch,
+                                steps_per_epoch=steps_per_epoch,
+                                validation_data=validation_data, callbacks=run_callbacks,
+                                verbose=verbose, shuffle=False)
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+
+    final = classifier
+    if MIXED_PRECISION[mixed_precision]:
+        final = build_model(model, classes, image_size, None, drop_path_rate)
+        final.set_weights(classifier.get_weights())
+    save_model(final, os.path.join(work, "model.keras"))
+    if not chief:
+        shutil.rmtree(work, ignore_errors=True)
+    return TrainingResult(classifier, fitted.history, output, train_split.class_names,
+                          train_split.skipped)
+
+
+def evaluate(data, model_file, split="auto", batch_size=64, data_dir=None,
+             manual_dir=None, verbose="auto"):
+    """Loss, top-1 and top-5 accuracy of a saved classifier on a split.
+
+    The split is resized and center-cropped to the model's input size.
+    """
+    model_file = os.fspath(model_file)
+    if not os.path.isfile(model_file):
+        raise TrainingError(f"{model_file}: no such model file")
+    try:
+        model = keras.models.load_model(model_file, compile=False)
+    except Exception as error:  # Keras raises several types for a bad file.
+        raise TrainingError(f"{model_file}: not a loadable Keras model "
+                            f"({' '.join(str(error).split())[:200]})") from None
+    if split == "auto":
+        split = data_lib.default_validation_split(data, data_dir, manual_dir) or "train"
+    evaluation = data_lib.load_split(data, split, data_dir, manual_dir)
+    height, width = model.input_shape[1:3]
+    if height is None or width is None:
+        height = width = variants.DEFAULT_IMAGE_SIZE
+    classes = model.output_shape[-1]
+    if classes != len(evaluation.class_names):
+        raise TrainingError(f"the model has {classes} classes, the {split} split "
+                            f"{len(evaluation.class_names)}")
+    model.compile(loss=keras.losses.CategoricalCrossentropy(),
+                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
+                           keras.metrics.TopKCategoricalAccuracy(k=min(5, classes),
+                                                                 name="top5")])
+    results = model.evaluate(
+        data_lib.evaluation_pipeline(evaluation, (height, width), batch_size),
+        return_dict=True, verbose=1 if verbose == "auto" else verbose)
+    results["examples"] = evaluation.num_examples
+    results["skipped"] = evaluation.skipped
+    return results
+
+
+def save_model(model, path):
+    """`model.save` into a temporary file beside `path`, then renamed onto it."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".saving-", suffix=".keras")
+    os.close(handle)
+    try:
+        model.save(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+class Checkpoints(keras.callbacks.Callback):
+    """`last.keras` after every epoch and `best.keras` when `monitor` improves.
+
+    Each is written whole and renamed into place, so a crash never leaves a
+    broken checkpoint.
+    """
+
+    def __init__(self, directory, monitor="val_loss", history_csv=None):
+        super().__init__()
+        self.directory = directory
+        self.monitor = monitor
+        self.history_csv = history_csv
+        self.best = float("inf")
+
+    def on_train_begin(self, logs=None):
+        # A resumed run keeps the best of the epochs before it.
+        if self.history_csv and os.path.exists(self.history_csv):
+            values = read_history(self.history_csv).get(self.monitor, [])
+            self.best = min((v for v in values if v == v), default=float("inf"))
+
+    def on_epoch_end(self, epoch, logs=None):
+        last = os.path.join(self.directory, "last.keras")
+        save_model(self.model, last)
+        value = (logs or {}).get(self.monitor)
+        if value is not None and value < self.best:
+            self.best = value
+            shutil.copyfile(last, os.path.join(self.directory, ".best.keras"))
+            os.replace(os.path.join(self.directory, ".best.keras"),
+                       os.path.join(self.directory, "best.keras"))
+
+
+class TrainingCurves(keras.callbacks.Callback):
+    """Redraws the loss and accuracy curves from `history.csv` after each epoch."""
+
+    def __init__(self, history_csv, image_path):
+        super().__init__()
+        self.history_csv = history_csv
+        self.image_path = image_path
+
+    def on_epoch_end(self, epoch, logs=None):
+        # CSVLogger (earlier in the list) has written this epoch's row.
+        from keras_twins.plots import plot_history
+
+        plot_history(read_history(self.history_csv), self.image_path)
+
+
+def read_history(path):
+    """history.csv as a dict of column -> list of floats."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {key: [_number(row.get(key)) for row in rows] for key in (rows[0] if rows else {})}
+
+
+def _number(text):
+    """A history.csv cell; CSVLogger writes NA for a value an epoch lacks."""
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+@dataclasses.dataclass
+class _Start:
+    initial_epoch: int = 0
+    weights_from: str = None
+
+
+def _claim_output(output, settings, resume, epochs):
+    """Checks that `output` is new, this run's, or resumed, and records the settings."""
+    run_file = os.path.join(output, "run.json")
+    backup = os.path.join(output, "backup")
+    last = os.path.join(output, "checkpoints", "last.keras")
+    start = _Start()
+    if os.path.isdir(output) and os.listdir(output):
+        try:
+            with open(run_file) as f:
+                previous = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            previous = None
+        finished = os.path.exists(os.path.join(output, "model.keras"))
+        same = previous is not None and all(
+            previous.get(key) == settings.get(key) for key in _RUN_KEYS)
+        if not resume and not (same and not finished):
+            what = ("a finished run" if finished else "a run with other settings"
+                    if previous is not None else "files that are not a training run")
+            raise TrainingError(f"{output} already holds {what}; choose a new output "
+                                "folder, or pass --resume to continue it")
+        if resume and not os.path.isdir(backup) and os.path.exists(last):
+            done = len(read_history(os.path.join(output, "history.csv")).get("epoch", []))
+            if done >= epochs:
+                raise TrainingError(f"{output} has trained {done} epochs already; "
+                                    "pass more --epochs to continue it")
+            start = _Start(initial_epoch=done, weights_from=last)
+    os.makedirs(output, exist_ok=True)
+    _write_text(run_file, json.dumps(settings, indent=2) + "\n")
+    return start
+
+
+def _image_size(image_size):
+    size = [image_size] if isinstance(image_size, int) else list(image_size)
+    if len(size) == 1:
+        size *= 2
+    if len(size) != 2 or min(size) < variants.MIN_IMAGE_SIZE:
+        raise TrainingError(f"image_size takes H or (H, W), each at least "
+                            f"{variants.MIN_IMAGE_SIZE}. Received: image_size={image_size}")
+    return tuple(int(s) for s in size)
+
+
+def _write_text(path, text):
+    temporary = f"{path}.partial"
+    with open(temporary, "w") as f:
+        f.write(text)
+    os.replace(temporary, path)

@@ -1,0 +1,345 @@
+"""Training: model.fit on tf.data, the recipe, tf.distribute, resumable runs."""
+
+import csv
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import TINY
+from keras_twins import cli
+from keras_twins import data as data_lib
+from keras_twins import training
+
+WORKER = pathlib.Path(__file__).with_name("train_worker.py")
+# Small enough to train in seconds, large enough to learn the digits.
+COMPACT = dict(embed_dims=(32, 64, 96, 128), depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 4),
+               mlp_ratios=(2, 2, 2, 2), sr_ratios=(8, 4, 2, 1), window_sizes=(7, 7, 7, 7))
+TINY_LIST = {k: list(v) for k, v in TINY.items()}
+
+
+def image_folder(root, classes=("circle", "square"), per_class=12, splits=("train", "validation"),
+                 size=(36, 44)):
+    """Random RGB images in the ImageFolder layout, of uneven sizes."""
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for label in classes:
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                shape = (size[0] + i % 3, size[1] + i % 5, 3)
+                Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(
+                    folder / f"{i}.png")
+    return root
+
+
+def run_worker(tmp_path, name, env=None, **settings):
+    path = tmp_path / f"{name}.json"
+    settings.setdefault("weights_out", str(tmp_path / f"{name}.npz"))
+    path.write_text(json.dumps(settings))
+    return subprocess.Popen([sys.executable, str(WORKER), str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def finish(process, timeout=600):
+    stdout, stderr = process.communicate(timeout=timeout)
+    assert process.returncode == 0, stderr[-3000:]
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def weights(path):
+    with np.load(path) as arrays:
+        return [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+
+
+def max_difference(a, b):
+    assert len(a) == len(b)
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
+
+
+def test_mirrored_over_two_cpus_gives_the_single_device_weights(tmp_path):
+    data = image_folder(tmp_path / "data", per_class=16)
+    # Clipping at 1.0 is active on every step: Keras alone clipped each
+    # replica's share, which this comparison caught (1.4e-3 apart).
+    common = dict(data=str(data), model=TINY_LIST, image_size=32, epochs=2, augment="none",
+                  deterministic=True, drop_path_rate=0.0, seed=3, learning_rate=1e-4,
+                  warmup_epochs=0.5, clipnorm=1.0, validation_split=None)
+    mirrored = run_worker(tmp_path, "mirrored", **common, output=str(tmp_path / "m"),
+                          batch_size=4, logical_cpus=2,
+                          strategy={"mirrored": ["/cpu:0", "/cpu:1"]})
+    single = run_worker(tmp_path, "single", **common, output=str(tmp_path / "s"),
+                        batch_size=8, strategy="one_device")
+    assert finish(mirrored)["replicas"] == 2
+    assert finish(single)["replicas"] == 1
+    first = weights(tmp_path / "single.npz")
+    difference = max_difference(weights(tmp_path / "mirrored.npz"), first)
+    print(f"\nmax |weights(mirrored 2 CPUs) - weights(one device)| = {difference:.2e}")
+    assert difference <= 1e-5
+    # They trained: 8 steps moved the weights away from their initialization.
+    keras.utils.set_random_seed(3)
+    initial = training.build_model(TINY_LIST, 2, (32, 32)).get_weights()
+    assert max_difference(first, initial) > 1e-4
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_multi_worker_mirrored_two_processes_train_to_the_same_weights(tmp_path):
+    data = image_folder(tmp_path / "data", per_class=16)
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    processes = []
+    for index in range(2):
+        config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        processes.append(run_worker(
+            tmp_path, f"worker{index}", env={"TF_CONFIG": json.dumps(config)},
+            data=str(data), model=TINY_LIST, image_size=32, epochs=1, batch_size=4,
+            augment="light", seed=5, output=str(tmp_path / "run"),
+            strategy="multi_worker"))
+    try:
+        results = [finish(p, timeout=400) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    assert [r["replicas"] for r in results] == [2, 2]
+    assert [r["epochs"] for r in results] == [1, 1]
+    assert np.isfinite(results[0]["loss"]).all()
+    difference = max_difference(weights(tmp_path / "worker0.npz"),
+                                weights(tmp_path / "worker1.npz"))
+    assert difference <= 1e-6
+    # The chief wrote the run folder; the other worker left nothing behind.
+    run = tmp_path / "run"
+    assert (run / "model.keras").exists() and (run / "history.csv").exists()
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("worker")) == []
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_killed_run_resumes_from_its_backup_and_finishes(tmp_path):
+    data = image_folder(tmp_path / "data", per_class=150, splits=("train",), size=(32, 32))
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    output = tmp_path / "run"
+    command = [sys.executable, "-m", "keras_twins", "train", "--data", str(data),
+               "--model", str(config), "--image-size", "32", "--epochs", "3",
+               "--batch-size", "2", "--augment", "none", "--backup-freq", "5",
+               "--output", str(output)]
+    history = output / "history.csv"
+    metadata = output / "backup" / "training_metadata.json"
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+
+    def backed_up_in_epoch_2():
+        try:
+            return json.loads(metadata.read_text())["epoch"] == 1
+        except (OSError, ValueError):  # not there yet, or being written
+            return False
+
+    while not backed_up_in_epoch_2():
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    # A backup of the second epoch exists: kill the run outright.
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert len(read_rows(history)) == 1, "the kill should land mid-epoch 2"
+    assert not (output / "model.keras").exists()
+
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "Epoch 1/3" not in resumed.stderr and "Epoch 2/3" in resumed.stderr
+    assert [row["epoch"] for row in read_rows(history)] == ["0", "1", "2"]
+    assert (output / "model.keras").exists() and not (output / "backup").exists()
+    assert "trained 2 epoch(s)" in resumed.stdout
+
+
+def test_cli_trains_a_compact_twins_on_the_digits_to_95_percent(tmp_path):
+    data = data_lib.write_digits_folder(tmp_path / "digits")
+    config = tmp_path / "compact.json"
+    config.write_text(json.dumps(COMPACT))
+    output = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_twins", "train", "--data", data, "--model", str(config),
+         "--image-size", "32", "--epochs", "8", "--batch-size", "32", "--augment", "none",
+         "--learning-rate", "1e-3", "--warmup-epochs", "1", "--drop-path-rate", "0",
+         "--output", str(output)], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = read_rows(output / "history.csv")
+    assert len(rows) == 8
+    best = max(float(row["val_accuracy"]) for row in rows)
+    print(f"\ndigits: validation accuracy {float(rows[-1]['val_accuracy']):.4f} "
+          f"(best {best:.4f}) after 8 epochs")
+    assert float(rows[-1]["val_accuracy"]) >= 0.95
+    for name in ("model.keras", "training.png", "labels.txt", "run.json",
+                 "checkpoints/best.keras", "checkpoints/last.keras"):
+        assert (output / name).exists(), name
+    assert any((output / "logs").rglob("events.out.tfevents.*"))
+    assert Image.open(output / "training.png").size == (1120, 400)
+
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "keras_twins", "evaluate", "--data", data, "--model-file",
+         str(output / "model.keras"), "--json"], capture_output=True, text=True, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    metrics = json.loads(evaluated.stdout)
+    assert metrics["examples"] == 359
+    assert abs(metrics["accuracy"] - float(rows[-1]["val_accuracy"])) < 1e-6
+
+
+@pytest.mark.parametrize("precision", ["float16", "bfloat16"])
+def test_tfds_source_and_mixed_precision_train_with_finite_losses(precision, tmp_path):
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
+        result = training.train(
+            "tfds:mnist", TINY_LIST, output=tmp_path / "run", image_size=32, epochs=1,
+            batch_size=8, augment="imagenet", mixed_precision=precision,
+            strategy="one_device", validation_split="test", verbose=0)
+    assert result.class_names == [str(i) for i in range(10)]
+    losses = result.history["loss"] + result.history["val_loss"]
+    assert np.all(np.isfinite(losses)), losses
+    assert keras.config.dtype_policy().name == "float32"  # restored
+    saved = keras.models.load_model(tmp_path / "run" / "model.keras")
+    assert saved.layers[-1].dtype_policy.name == "float32"
+    assert {layer.dtype_policy.name for layer in saved.layers} == {"float32"}
+
+
+def test_the_weight_decay_spares_biases_norms_and_the_peg():
+    model = keras_twins_tiny()
+    optimizer = training.make_optimizer(model, learning_rate=0.1, weight_decay=0.5)
+    before = {v.path: np.array(v) for v in model.trainable_variables}
+    # Zero gradients: Adam moves nothing, so only the decoupled decay shows.
+    optimizer.apply_gradients([(np.zeros(v.shape, "float32"), v)
+                               for v in model.trainable_variables])
+    decayed = {v.path for v in model.trainable_variables
+               if not np.allclose(np.array(v), before[v.path])}
+    expected = {v.path for v in model.trainable_variables
+                if len(v.shape) > 1 and "pos_encoding" not in v.path}
+    assert decayed == expected
+    assert any("pos_encoding" in v.path and len(v.shape) > 1
+               for v in model.trainable_variables)
+
+
+def keras_twins_tiny():
+    import keras_twins
+
+    return keras_twins.Twins(**TINY, classes=4, input_shape=(32, 32, 3))
+
+
+def test_learning_rate_warms_up_then_decays_to_zero_per_step():
+    assert training.peak_learning_rate(512) == pytest.approx(5e-4)
+    schedule = training.learning_rate_schedule(1e-3, steps_per_epoch=10, epochs=30,
+                                               warmup_epochs=5)
+    rates = [float(schedule(step)) for step in range(301)]
+    assert rates[0] == 0.0 and rates[25] == pytest.approx(5e-4)
+    assert rates[50] == pytest.approx(1e-3)
+    assert rates[175] == pytest.approx(5e-4, rel=1e-3)  # half-way through the cosine
+    assert rates[300] == pytest.approx(0.0, abs=1e-9)
+    assert all(a >= b for a, b in zip(rates[50:], rates[51:]))
+
+
+def test_training_pipeline_shapes_labels_and_mixing(tmp_path):
+    split = data_lib.load_split(image_folder(tmp_path / "data", classes=("a", "b", "c")),
+                                "train")
+    for augment in ("imagenet", "light", "none"):
+        images, labels = next(iter(data_lib.training_pipeline(split, (32, 48), 6, augment)))
+        assert images.shape == (6, 32, 48, 3) and labels.shape == (6, 3)
+        assert 0.0 <= float(np.min(images)) and float(np.max(images)) <= 255.0
+        np.testing.assert_allclose(np.sum(labels, axis=-1), 1.0, atol=1e-5)
+        one_hot = np.all(np.isin(np.asarray(labels), [0.0, 1.0]))
+        assert one_hot == (augment != "imagenet")  # MixUp/CutMix soften the labels
+    evaluation = data_lib.evaluation_pipeline(split, (40, 40), 5)
+    assert [tuple(x.shape) for x, _ in evaluation] == [(5, 40, 40, 3)] * 7 + [(1, 40, 40, 3)]
+
+
+def run_cli(capfd, *args):
+    code = cli.main(list(map(str, args)))
+    captured = capfd.readouterr()
+    return code, captured.out, captured.err
+
+
+def cli_train(capfd, data, output, *more):
+    return run_cli(capfd, "train", "--data", data, "--model", "twins_svt_small",
+                   "--image-size", "32", "--epochs", "1", "--batch-size", "4",
+                   "--output", output, *more)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("empty", "no images found"),
+    ("classes", "classes differ"),
+    ("tfds", "unknown tensorflow-datasets name 'no_such_dataset'"),
+    ("missing", "no such folder"),
+])
+def test_bad_data_gives_one_line_errors(damage, message, tmp_path, capfd):
+    data = tmp_path / "data"
+    if damage == "empty":
+        (data / "train" / "a").mkdir(parents=True)
+    elif damage == "classes":
+        image_folder(data, splits=("train",))
+        image_folder(data, classes=("circle", "triangle"), splits=("validation",))
+    elif damage == "tfds":
+        data = "tfds:no_such_dataset"
+    code, _, err = cli_train(capfd, data, tmp_path / "run")
+    assert code == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error:") and message in last, last
+    assert "Traceback" not in err
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path, capfd):
+    data = image_folder(tmp_path / "data", per_class=4)
+    (data / "train" / "circle" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (data / "train" / "square" / "text.jpg").write_text("not an image")
+    split = data_lib.load_split(data, "train")
+    assert split.num_examples == 8
+    assert sorted(os.path.basename(p) for p in split.skipped) == ["broken.png", "text.jpg"]
+    code, out, err = run_cli(capfd, "train", "--data", data, "--model", json_config(tmp_path),
+                             "--image-size", "32", "--epochs", "1", "--batch-size", "4",
+                             "--augment", "none", "--output", tmp_path / "run")
+    assert code == 0, err[-2000:]
+    assert "skipped 2 unreadable image file(s)" in out
+
+
+def json_config(tmp_path):
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(TINY))
+    return path
+
+
+def test_an_output_folder_of_another_run_is_refused_unless_resumed(tmp_path, capfd):
+    data = image_folder(tmp_path / "data", per_class=4)
+    config = json_config(tmp_path)
+    output = tmp_path / "run"
+    arguments = ["train", "--data", data, "--model", config, "--image-size", "32",
+                 "--batch-size", "4", "--augment", "none", "--output", output]
+    assert run_cli(capfd, *arguments, "--epochs", "1")[0] == 0
+    model_bytes = (output / "model.keras").read_bytes()
+    code, _, err = run_cli(capfd, *arguments, "--epochs", "2")
+    assert code == 1 and "already holds a finished run" in err and "--resume" in err
+    assert (output / "model.keras").read_bytes() == model_bytes  # untouched
+    code, out, err = run_cli(capfd, *arguments, "--epochs", "2", "--resume")
+    assert code == 0, err[-2000:]
+    assert [row["epoch"] for row in read_rows(output / "history.csv")] == ["0", "1"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    code, _, err = run_cli(capfd, *arguments[:-1], tmp_path / "other", "--epochs", "1")
+    assert code == 1 and "files that are not a training run" in err
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
