@@ -15,7 +15,8 @@ A run writes into its output folder:
     logs/               TensorBoard
     checkpoints/        best.keras (by validation loss) and last.keras
     backup/             BackupAndRestore's state while the run is unfinished
-    model.keras         the trained model: raw [0, 255] RGB in, probabilities out
+    model.keras         the trained model for inference: raw [0, 255] RGB in,
+                        probabilities out, float32, no optimizer state
 """
 
 import contextlib
@@ -426,10 +427,10 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
     finally:
         keras.config.set_dtype_policy(previous_policy)
 
-    final = classifier
-    if MIXED_PRECISION[mixed_precision]:
-        final = build_model(model, classes, image_size, None, drop_path_rate)
-        final.set_weights(classifier.get_weights())
+    # model.keras is for inference: float32, without the optimizer's state
+    # (checkpoints/last.keras keeps that for resuming).
+    final = build_model(model, classes, image_size, None, drop_path_rate)
+    final.set_weights(classifier.get_weights())
     save_model(final, os.path.join(work, "model.keras"))
     if not chief:
         shutil.rmtree(work, ignore_errors=True)

@@ -43,8 +43,6 @@ def random_reference(tmp_path_factory):
         if key in cache:
             return cache[key]
         import safetensors.torch
-        import timm
-        import torch
 
         torch.manual_seed(len(cache))
         model = timm.create_model(variant, pretrained=False, num_classes=num_classes)
