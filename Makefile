@@ -22,7 +22,7 @@ test: $(VENV)/.test-installed
 	$(PY) -m pytest -q tests
 
 demo: $(VENV)/.demo-installed
-	$(PY) examples/demo.py $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(VARIANT),--variant $(VARIANT))
+	$(PY) examples/demo.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

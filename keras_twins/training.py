@@ -170,21 +170,43 @@ def build_model(model, classes, image_size, weights=None, drop_path_rate=0.0):
         except TypeError as error:
             raise TrainingError(f"not a usable model configuration: {error}") from None
 
-    classifier = build(classes=classes)
     if weights is None:
-        return classifier
-    try:
-        backbone = build(include_top=False, weights=weights)
-    except ValueError as error:
-        raise TrainingError(" ".join(str(error).split())) from None
-    transferred = {layer.name: layer for layer in backbone.layers}
-    for layer in classifier.layers:
-        if layer.name in transferred and layer.weights:
-            layer.set_weights(transferred[layer.name].get_weights())
-    if weights != "imagenet" and str(weights).endswith((".weights.h5", ".keras")):
-        with contextlib.suppress(ValueError):  # same head size: take it too
-            classifier.load_weights(weights)
+        return build(classes=classes)
+    weights = weights if weights == "imagenet" else os.fspath(weights)
+    if weights.endswith(".keras"):
+        try:
+            source = keras.models.load_model(weights, compile=False)
+        except Exception as error:  # Keras raises several types for a bad file.
+            raise TrainingError(f"{weights}: not a loadable Keras model "
+                                f"({' '.join(str(error).split())[:200]})") from None
+    else:
+        try:
+            return build(classes=classes, weights=weights)  # the same head size
+        except ValueError:
+            pass
+        try:
+            source = build(include_top=False, weights=weights)
+        except ValueError as error:
+            raise TrainingError(" ".join(str(error).split())) from None
+    classifier = build(classes=classes)
+    _transfer_weights(source, classifier, weights)
     return classifier
+
+
+def _transfer_weights(source, target, name):
+    """Copies every layer of `source` whose name and weight shapes `target` shares."""
+    layers = {layer.name: layer for layer in source.layers}
+    copied = 0
+    for layer in target.layers:
+        match = layers.get(layer.name)
+        if match is None or not layer.weights:
+            continue
+        values = match.get_weights()
+        if [v.shape for v in values] == [tuple(w.shape) for w in layer.weights]:
+            layer.set_weights(values)
+            copied += 1
+    if not copied:
+        raise TrainingError(f"{name}: none of its layers fit the model")
 
 
 def make_strategy(name="auto", tpu=None):

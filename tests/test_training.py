@@ -343,3 +343,28 @@ def test_an_output_folder_of_another_run_is_refused_unless_resumed(tmp_path, cap
     code, _, err = run_cli(capfd, *arguments[:-1], tmp_path / "other", "--epochs", "1")
     assert code == 1 and "files that are not a training run" in err
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_fine_tuning_weights_bring_all_but_a_head_of_another_size(random_reference, tmp_path):
+    import keras_twins
+
+    _, directory = random_reference("twins_pcpvt_small")
+    checkpoint = directory / "model.safetensors"
+    reference = keras_twins.TwinsPCPVTSmall(weights=checkpoint, input_shape=(64, 64, 3))
+    tuned = training.build_model("twins_pcpvt_small", 3, (64, 64), weights=checkpoint)
+    assert tuned.get_layer("head").get_weights()[0].shape == (512, 3)
+    for name in ("patch_embed_0", "stage_2_block_5", "pos_encoding_3", "norm"):
+        for a, b in zip(tuned.get_layer(name).get_weights(),
+                        reference.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(a, b)
+
+    # A Keras model file of another head size works the same way.
+    small = keras_twins.Twins(**TINY, classes=2, input_shape=(32, 32, 3))
+    small.save(tmp_path / "small.keras")
+    grown = training.build_model(TINY_LIST, 5, (48, 48), weights=tmp_path / "small.keras")
+    np.testing.assert_array_equal(grown.get_layer("stage_3_block_1").get_weights()[0],
+                                  small.get_layer("stage_3_block_1").get_weights()[0])
+    assert grown.output_shape == (None, 5)
+    with pytest.raises(training.TrainingError, match="not a loadable Keras model"):
+        (tmp_path / "broken.keras").write_bytes(b"PK broken")
+        training.build_model(TINY_LIST, 5, (48, 48), weights=tmp_path / "broken.keras")
