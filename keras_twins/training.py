@@ -380,14 +380,6 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
                     warmup_epochs=warmup_epochs, drop_path_rate=drop_path_rate,
                     label_smoothing=label_smoothing, seed=seed,
                     mixed_precision=mixed_precision)
-    output = os.fspath(output)
-    start = _claim_output(output, settings, resume, epochs) if chief else _Start()
-    # Other workers write what the chief writes into a folder thrown away at the end.
-    work = output if chief else tempfile.mkdtemp(prefix="keras_twins_worker_")
-    backup_dir = os.fspath(backup_dir or os.path.join(output, "backup"))
-    if not chief:
-        backup_dir = os.path.join(backup_dir, f"worker_{strategy.cluster_resolver.task_id}")
-
     train_split = data_lib.load_split(data, "train", data_dir, manual_dir)
     if validation_split == "auto":
         validation_split = data_lib.default_validation_split(data, data_dir, manual_dir)
@@ -408,6 +400,15 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
     static = _is_multi_worker(strategy) or isinstance(strategy, tf.distribute.TPUStrategy)
     validation_data = None if validation is None else data_lib.evaluation_pipeline(
         validation, image_size, global_batch, cache=cache, drop_remainder=static)
+
+    # The data is usable: only now does the output folder become this run's.
+    output = os.fspath(output)
+    start = _claim_output(output, settings, resume, epochs) if chief else _Start()
+    # Other workers write what the chief writes into a folder thrown away at the end.
+    work = output if chief else tempfile.mkdtemp(prefix="keras_twins_worker_")
+    backup_dir = os.fspath(backup_dir or os.path.join(output, "backup"))
+    if not chief:
+        backup_dir = os.path.join(backup_dir, f"worker_{strategy.cluster_resolver.task_id}")
 
     previous_policy = keras.config.dtype_policy()
     keras.utils.set_random_seed(seed)
@@ -592,7 +593,10 @@ def _claim_output(output, settings, resume, epochs):
         finished = os.path.exists(os.path.join(output, "model.keras"))
         same = previous is not None and all(
             previous.get(key) == settings.get(key) for key in _RUN_KEYS)
-        if not resume and not (same and not finished):
+        # A folder with only run.json and labels.txt is a run that failed
+        # before its first epoch (say, a bad model configuration): reuse it.
+        started = bool(set(os.listdir(output)) - {"run.json", "labels.txt"})
+        if started and not resume and not (same and not finished):
             what = ("a finished run" if finished else "a run with other settings"
                     if previous is not None else "files that are not a training run")
             raise TrainingError(f"{output} already holds {what}; choose a new output "

@@ -282,6 +282,24 @@ def cli_train(capfd, data, output, *more):
                    "--output", output, *more)
 
 
+def test_bad_settings_and_model_files_give_one_line_errors(tmp_path, capfd):
+    data = image_folder(tmp_path / "data", per_class=4)
+    for more, message in [(["--strategy", "ring"], "Received: strategy='ring'"),
+                          (["--mixed-precision", "int4"], "mixed_precision"),
+                          (["--augment", "strong"], "Received: augment='strong'"),
+                          (["--image-size", "16"], "at least 32"),
+                          (["--backup-freq", "often"], "--backup-freq")]:
+        code, _, err = cli_train(capfd, data, tmp_path / "run", *more)
+        assert code == 1 and message in err.strip().splitlines()[-1], err
+        assert not (tmp_path / "run").exists()
+    (tmp_path / "broken.keras").write_bytes(b"PK not a model")
+    for model_file, message in [(tmp_path / "missing.keras", "no such model file"),
+                                (tmp_path / "broken.keras", "not a loadable Keras model")]:
+        code, _, err = run_cli(capfd, "evaluate", "--data", data, "--model-file", model_file)
+        assert code == 1 and message in err.strip().splitlines()[-1], err
+        assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("damage, message", [
     ("empty", "no images found"),
     ("classes", "classes differ"),
@@ -302,6 +320,7 @@ def test_bad_data_gives_one_line_errors(damage, message, tmp_path, capfd):
     last = err.strip().splitlines()[-1]
     assert last.startswith("error:") and message in last, last
     assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # a corrected command starts afresh
 
 
 def test_corrupt_images_are_skipped_and_counted(tmp_path, capfd):
