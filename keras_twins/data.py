@@ -44,8 +44,8 @@ class Split:
         class_names: the label names, indexed by label.
         num_examples: how many examples `dataset` yields.
         skipped: files of the split that could not be decoded (folders).
-        paths: for folders, the files in `dataset` order (shuffled cheaply
-            before decoding by `training_pipeline`).
+        paths, labels: for folders, the files and their labels in `dataset`
+            order (`training_pipeline` shuffles these before decoding).
     """
 
     dataset: tf.data.Dataset
@@ -382,8 +382,11 @@ def _rand_augment(magnitude, seed):
 
 def _mixer(policy, seed):
     """MixUp or CutMix on each batch, one of them chosen per batch."""
-    mixup = keras.layers.MixUp(alpha=policy.mixup_alpha, seed=seed) if policy.mixup_alpha else None
-    cutmix = keras.layers.CutMix(factor=policy.cutmix_alpha, seed=seed) if policy.cutmix_alpha else None
+    mixup = cutmix = None
+    if policy.mixup_alpha:
+        mixup = keras.layers.MixUp(alpha=policy.mixup_alpha, seed=seed)
+    if policy.cutmix_alpha:
+        cutmix = keras.layers.CutMix(factor=policy.cutmix_alpha, seed=seed)
 
     def mix(images, labels):
         data = {"images": images, "labels": labels}

@@ -19,7 +19,6 @@ A run writes into its output folder:
                         probabilities out, float32, no optimizer state
 """
 
-import contextlib
 import csv
 import dataclasses
 import json

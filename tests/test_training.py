@@ -204,14 +204,15 @@ def test_cli_trains_a_compact_twins_on_the_digits_to_95_percent(tmp_path):
     assert abs(metrics["accuracy"] - float(rows[-1]["val_accuracy"])) < 1e-6
 
 
-@pytest.mark.parametrize("precision", ["float16", "bfloat16"])
-def test_tfds_source_and_mixed_precision_train_with_finite_losses(precision, tmp_path):
+@pytest.mark.parametrize("precision, jit_compile", [("float16", False), ("bfloat16", True)])
+def test_tfds_source_and_mixed_precision_train_with_finite_losses(precision, jit_compile,
+                                                                  tmp_path):
     import tensorflow_datasets as tfds
 
     with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
         result = training.train(
             "tfds:mnist", TINY_LIST, output=tmp_path / "run", image_size=32, epochs=1,
-            batch_size=8, augment="imagenet", mixed_precision=precision,
+            batch_size=8, augment="imagenet", mixed_precision=precision, jit_compile=jit_compile,
             strategy="one_device", validation_split="test", verbose=0)
     assert result.class_names == [str(i) for i in range(10)]
     losses = result.history["loss"] + result.history["val_loss"]
