@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: test demo clean
+.PHONY: test demo bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(VENV)/.test-installed
 
 demo: $(VENV)/.demo-installed
 	$(PY) examples/demo.py
+
+# Not a test: ratios against timm and onnxruntime, written to BENCHMARKS.md.
+bench: $(VENV)/.test-installed
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,334 @@
+"""keras_twins against the PyTorch reference, side by side on this machine.
+
+    python benchmarks/bench.py [--variants twins_svt_small twins_pcpvt_small]
+                               [--rounds 5] [--output BENCHMARKS.md]
+
+For each variant, in one process, with every contender on the same number of
+threads (2 by default), alternating the contenders round by round and
+reporting medians:
+
+- inference at batch 16: `model.predict` against timm in eager mode;
+- batch-1 latency: the TFLite float32 file in LiteRT (XNNPACK) against
+  onnxruntime running timm's ONNX export, and the full-integer int8 file
+  against the float32 one;
+- a training step at batch 16 through `model.fit` (AdamW, clipping 5.0,
+  drop path 0.2) against timm's step (AdamW, clip_grad_norm_, drop path 0.2);
+- peak resident memory of a process that runs inference at batch 16, each
+  framework in its own process;
+- the achieved GFLOP/s as a fraction of this machine's float32 matrix
+  multiply rate.
+
+Writes BENCHMARKS.md. Benchmarks are not tests: nothing here asserts a time.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+THREADS = 2
+BATCH = 16
+SIZE = 224
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", default=["twins_svt_small", "twins_pcpvt_small"])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--output", default="BENCHMARKS.md")
+    parser.add_argument("--memory", choices=["keras", "timm"], help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory:
+        print(json.dumps(_peak_memory(args.memory, args.variant)))
+        return
+    _limit_threads()
+    # torch and timm before TensorFlow: the other order crashes the process.
+    import timm  # noqa: F401
+    import torch  # noqa: F401
+    import tensorflow as tf  # noqa: F401
+
+    matmul = _matmul_gflops()
+    results = {}
+    for variant in args.variants:
+        print(f"\n{variant}", flush=True)
+        results[variant] = _bench_variant(variant, args.rounds)
+        for process in ("keras", "timm"):
+            results[variant][f"memory_{process}"] = _memory_in_subprocess(process, variant)
+        print(json.dumps(results[variant], indent=2), flush=True)
+    _write_report(args.output, results, matmul, args.rounds)
+    print(f"\nwrote {args.output}")
+
+
+def _limit_threads():
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS"):
+        os.environ[name] = str(THREADS)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _configure_frameworks():
+    import tensorflow as tf
+    import torch
+
+    torch.set_num_threads(THREADS)
+    tf.config.threading.set_intra_op_parallelism_threads(THREADS)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+
+
+def _median_times(contenders, rounds, warmup=1):
+    """name -> median seconds of one call, calling the contenders in turn."""
+    for _ in range(warmup):
+        for function in contenders.values():
+            function()
+    times = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, function in contenders.items():
+            started = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _bench_variant(variant, rounds):
+    import keras
+    import numpy as np
+    import timm
+    import torch
+
+    import keras_twins
+    from keras_twins import training
+    from keras_twins.export import export
+    from keras_twins.flops import count_macs
+
+    _configure_frameworks()
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (BATCH, SIZE, SIZE, 3)).astype(np.float32)
+    torch_images = torch.from_numpy(
+        ((images / 255 - 0.45) / 0.225).transpose(0, 3, 1, 2).copy())
+    flops = 2 * count_macs(**keras_twins.VARIANTS[variant]["config"])  # per image
+
+    keras_model = keras_twins.CONSTRUCTORS[variant](input_shape=(SIZE, SIZE, 3))
+    timm_model = timm.create_model(variant, pretrained=False).eval()
+
+    def timm_eager():
+        with torch.inference_mode():
+            timm_model(torch_images)
+
+    print("  inference...", flush=True)
+    inference = _median_times({
+        "keras_predict": lambda: keras_model.predict(images, batch_size=BATCH, verbose=0),
+        "timm_eager": timm_eager,
+    }, rounds)
+
+    print("  export...", flush=True)
+    folder = tempfile.mkdtemp(prefix="keras_twins_bench_")
+    calibration = os.path.join(folder, "calibration")
+    os.makedirs(calibration)
+    from PIL import Image
+
+    for i, image in enumerate(images[:8]):
+        Image.fromarray(image.astype(np.uint8)).save(os.path.join(calibration, f"{i}.png"))
+    float32_file = export(keras_model, os.path.join(folder, "float32.tflite"),
+                          image_size=(SIZE, SIZE))
+    int8_file = export(keras_model, os.path.join(folder, "int8.tflite"), quantize="int8",
+                       representative_data=calibration, image_size=(SIZE, SIZE))
+    onnx_file = os.path.join(folder, "timm.onnx")
+    torch.onnx.export(timm_model, torch_images[:1], onnx_file, opset_version=17,
+                      dynamo=False)
+    print("  latency...", flush=True)
+    single = images[:1]
+    latency = _median_times({
+        "tflite_float32": _litert(float32_file, single),
+        "tflite_int8": _litert(int8_file, single),
+        "onnxruntime_timm": _onnxruntime(onnx_file, torch_images[:1].numpy()),
+    }, rounds * 4)
+
+    print("  training...", flush=True)
+    keras.utils.set_random_seed(0)
+    trainee = keras_twins.CONSTRUCTORS[variant](input_shape=(SIZE, SIZE, 3),
+                                                drop_path_rate=0.2)
+    training.compile_for_training(trainee, training.make_optimizer(trainee, 1e-4))
+    labels = keras.utils.to_categorical(rng.integers(0, 1000, BATCH), 1000)
+    train_batch = (images, labels)
+    trainee.fit(*train_batch, batch_size=BATCH, epochs=1, verbose=0)  # traces the step
+    timm_trainee = timm.create_model(variant, pretrained=False, drop_path_rate=0.2).train()
+    optimizer = torch.optim.AdamW(timm_trainee.parameters(), lr=1e-4, weight_decay=0.05)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    targets = torch.from_numpy(labels.argmax(-1))
+
+    def timm_step():
+        optimizer.zero_grad()
+        loss_fn(timm_trainee(torch_images), targets).backward()
+        torch.nn.utils.clip_grad_norm_(timm_trainee.parameters(), 5.0)
+        optimizer.step()
+
+    steps = _median_times({
+        "keras_fit": lambda: trainee.fit(*train_batch, batch_size=BATCH, epochs=1, verbose=0),
+        "timm_train_step": timm_step,
+    }, rounds)
+
+    return {
+        "gflop_per_image": flops / 1e9,
+        "keras_predict_img_s": BATCH / inference["keras_predict"],
+        "timm_eager_img_s": BATCH / inference["timm_eager"],
+        "tflite_float32_ms": latency["tflite_float32"] * 1e3,
+        "tflite_int8_ms": latency["tflite_int8"] * 1e3,
+        "onnxruntime_timm_ms": latency["onnxruntime_timm"] * 1e3,
+        "keras_fit_img_s": BATCH / steps["keras_fit"],
+        "timm_train_img_s": BATCH / steps["timm_train_step"],
+        "tflite_float32_mb": os.path.getsize(float32_file) / 1e6,
+        "tflite_int8_mb": os.path.getsize(int8_file) / 1e6,
+    }
+
+
+def _litert(path, image):
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=path, num_threads=THREADS)
+    interpreter.allocate_tensors()
+    index = interpreter.get_input_details()[0]["index"]
+
+    def run():
+        interpreter.set_tensor(index, image)
+        interpreter.invoke()
+
+    return run
+
+
+def _onnxruntime(path, image):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda: session.run(None, {name: image})
+
+
+def _matmul_gflops(n=2048, repeats=10):
+    """float32 matrix-multiply rate in TensorFlow and torch; the better one."""
+    import numpy as np
+    import tensorflow as tf
+    import torch
+
+    _configure_frameworks()
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    tf_a, torch_a = tf.constant(a), torch.from_numpy(a)
+    times = _median_times({"tensorflow": lambda: tf.matmul(tf_a, tf_a).numpy(),
+                           "torch": lambda: torch.mm(torch_a, torch_a)}, repeats)
+    return {name: 2 * n ** 3 / seconds / 1e9 for name, seconds in times.items()}
+
+
+def _memory_in_subprocess(process, variant):
+    result = subprocess.run([sys.executable, __file__, "--memory", process, "--variant", variant],
+                            capture_output=True, text=True, timeout=1200,
+                            env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
+    if result.returncode:
+        raise RuntimeError(result.stderr[-2000:])
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def _peak_memory(process, variant):
+    """Peak resident MB of this process after inference at batch 16."""
+    import numpy as np
+
+    _limit_threads()
+    images = np.random.default_rng(0).uniform(0, 255, (BATCH, SIZE, SIZE, 3)).astype(
+        np.float32)
+    if process == "timm":
+        import timm
+        import torch
+
+        torch.set_num_threads(THREADS)
+        model = timm.create_model(variant, pretrained=False).eval()
+        with torch.inference_mode():
+            for _ in range(3):
+                model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
+    else:
+        import keras_twins
+
+        model = keras_twins.CONSTRUCTORS[variant](input_shape=(SIZE, SIZE, 3))
+        for _ in range(3):
+            model.predict(images, batch_size=BATCH, verbose=0)
+    # VmHWM, not ru_maxrss: the latter carries the parent's peak over fork.
+    with open("/proc/self/status") as f:
+        peak_kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return {"peak_mb": peak_kb / 1024}
+
+
+def _write_report(path, results, matmul, rounds):
+    import keras
+    import onnxruntime
+    import tensorflow as tf
+    import timm
+    import torch
+
+    matmul_rate = max(matmul.values())
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Written by `make bench` (`benchmarks/bench.py`) on "
+        f"{datetime.date.today().isoformat()}: {_cpu()}, {THREADS} threads for every "
+        f"contender, {SIZE}x{SIZE} float32, medians of {rounds} alternating rounds "
+        f"({rounds * 4} for batch-1 latency), random weights.",
+        "",
+        f"Versions: keras {keras.__version__}, tensorflow {tf.__version__}, torch "
+        f"{torch.__version__}, timm {timm.__version__}, onnxruntime "
+        f"{onnxruntime.__version__}, Python {platform.python_version()}.",
+        "",
+        "float32 matrix multiply (2048x2048) on this machine: "
+        + ", ".join(f"{name} {rate:.0f} GFLOP/s" for name, rate in matmul.items()) + ".",
+        "",
+        "| variant | measure | keras_twins | reference | ratio | goal |",
+        "|---|---|---|---|---|---|",
+    ]
+    for variant, r in results.items():
+        rows = [
+            ("inference, batch 16 (img/s)", r["keras_predict_img_s"], "timm eager",
+             r["timm_eager_img_s"], r["keras_predict_img_s"] / r["timm_eager_img_s"], ">= 1.2x"),
+            ("TFLite float32 batch-1 latency (ms)", r["tflite_float32_ms"],
+             "onnxruntime on timm's ONNX", r["onnxruntime_timm_ms"],
+             r["tflite_float32_ms"] / r["onnxruntime_timm_ms"], "<= 1.0x"),
+            ("TFLite int8 batch-1 latency (ms)", r["tflite_int8_ms"], "TFLite float32",
+             r["tflite_float32_ms"], r["tflite_int8_ms"] / r["tflite_float32_ms"], "<= 0.6x"),
+            ("training, batch 16 (img/s)", r["keras_fit_img_s"], "timm train step",
+             r["timm_train_img_s"], r["keras_fit_img_s"] / r["timm_train_img_s"], ">= 1.0x"),
+            ("peak memory, inference batch 16 (MB)", r["memory_keras"], "timm eager",
+             r["memory_timm"], r["memory_keras"] / r["memory_timm"], "<= 1.0x"),
+        ]
+        for measure, ours, name, theirs, ratio, goal in rows:
+            lines.append(f"| {variant} | {measure} | {ours:.1f} | {theirs:.1f} ({name}) | "
+                         f"{ratio:.2f}x | {goal} |")
+    lines += ["", "Achieved rate against the matrix multiply:", ""]
+    for variant, r in results.items():
+        achieved = r["keras_predict_img_s"] * r["gflop_per_image"]
+        reference = r["timm_eager_img_s"] * r["gflop_per_image"]
+        lines.append(f"- {variant} ({r['gflop_per_image']:.2f} GFLOP per image): "
+                     f"keras_twins {achieved:.0f} GFLOP/s ({achieved / matmul_rate:.0%} of "
+                     f"the matmul rate), timm {reference:.0f} GFLOP/s "
+                     f"({reference / matmul_rate:.0%}).")
+    temporary = f"{path}.partial"
+    with open(temporary, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(temporary, path)
+
+
+def _cpu():
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or "unknown CPU"
+    return f"{name} ({os.cpu_count()} cores)"
+
+
+if __name__ == "__main__":
+    main()
