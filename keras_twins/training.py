@@ -407,7 +407,8 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
     work = output if chief else tempfile.mkdtemp(prefix="keras_twins_worker_")
     backup_dir = os.fspath(backup_dir or os.path.join(output, "backup"))
     if not chief:
-        backup_dir = os.path.join(backup_dir, f"worker_{strategy.cluster_resolver.task_id}")
+        # Beside the chief's, not inside: each worker deletes its own at the end.
+        backup_dir = f"{backup_dir}-worker_{strategy.cluster_resolver.task_id}"
 
     previous_policy = keras.config.dtype_policy()
     keras.utils.set_random_seed(seed)
