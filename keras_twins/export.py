@@ -16,11 +16,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_twins.data import IMAGE_SUFFIXES
+
 FORMATS = ("saved_model", "tflite", "onnx")
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 OUTPUTS = ("probabilities", "logits")
 ONNX_OPSET = 17  # tf2onnx 1.17 refuses opsets above 18
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 # Ops that compute sizes at run time; a fixed-shape graph needs none.
 SHAPE_ARITHMETIC = {"SHAPE", "GATHER", "GATHER_ND", "REDUCE_PROD", "PACK"}
 INPUT_CONTRACT = {
@@ -88,7 +89,7 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
                 f.write(content)
         else:
             _write_onnx(function, spec, staging)
-    _write_text(os.path.join(directory, "labels.txt"), labels)
+    write_text(os.path.join(directory, "labels.txt"), labels)
     return path
 
 
@@ -276,7 +277,8 @@ def _labels(model):
     return [f"class_{i}" for i in range(classes)]
 
 
-def _write_text(path, text):
+def write_text(path, text):
+    """Writes `text` to a temporary file beside `path`, then renames it onto `path`."""
     with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False,
                                      prefix=".partial-", suffix=".txt") as f:
         f.write(text)

@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from keras_twins import data as data_lib
 from keras_twins import variants
+from keras_twins.export import write_text
 from keras_twins.layers import PositionalEncodingGenerator
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
@@ -173,11 +174,7 @@ def build_model(model, classes, image_size, weights=None, drop_path_rate=0.0):
         return build(classes=classes)
     weights = weights if weights == "imagenet" else os.fspath(weights)
     if weights.endswith(".keras"):
-        try:
-            source = keras.models.load_model(weights, compile=False)
-        except Exception as error:  # Keras raises several types for a bad file.
-            raise TrainingError(f"{weights}: not a loadable Keras model "
-                                f"({' '.join(str(error).split())[:200]})") from None
+        source = _load_keras_model(weights)
     else:
         try:
             return build(classes=classes, weights=weights)  # the same head size
@@ -190,6 +187,14 @@ def build_model(model, classes, image_size, weights=None, drop_path_rate=0.0):
     classifier = build(classes=classes)
     _transfer_weights(source, classifier, weights)
     return classifier
+
+
+def _load_keras_model(path):
+    try:
+        return keras.models.load_model(path, compile=False)
+    except Exception as error:  # Keras raises several types for a bad file.
+        raise TrainingError(f"{path}: not a loadable Keras model "
+                            f"({' '.join(str(error).split())[:200]})") from None
 
 
 def _transfer_weights(source, target, name):
@@ -427,7 +432,7 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
         if _is_multi_worker(strategy):
             _allow_multi_worker_fit(classifier, strategy)
         if chief:
-            _write_text(os.path.join(output, "labels.txt"),
+            write_text(os.path.join(output, "labels.txt"),
                         "".join(f"{name}\n" for name in train_split.class_names))
         run_callbacks = [
             keras.callbacks.BackupAndRestore(backup_dir, save_freq=backup_freq,
@@ -470,11 +475,7 @@ def evaluate(data, model_file, split="auto", batch_size=64, data_dir=None,
     model_file = os.fspath(model_file)
     if not os.path.isfile(model_file):
         raise TrainingError(f"{model_file}: no such model file")
-    try:
-        model = keras.models.load_model(model_file, compile=False)
-    except Exception as error:  # Keras raises several types for a bad file.
-        raise TrainingError(f"{model_file}: not a loadable Keras model "
-                            f"({' '.join(str(error).split())[:200]})") from None
+    model = _load_keras_model(model_file)
     if split == "auto":
         split = data_lib.default_validation_split(data, data_dir, manual_dir) or "train"
     evaluation = data_lib.load_split(data, split, data_dir, manual_dir)
@@ -608,7 +609,7 @@ def _claim_output(output, settings, resume, epochs):
                                     "pass more --epochs to continue it")
             start = _Start(initial_epoch=done, weights_from=last)
     os.makedirs(output, exist_ok=True)
-    _write_text(run_file, json.dumps(settings, indent=2) + "\n")
+    write_text(run_file, json.dumps(settings, indent=2) + "\n")
     return start
 
 
@@ -620,10 +621,3 @@ def _image_size(image_size):
         raise TrainingError(f"image_size takes H or (H, W), each at least "
                             f"{variants.MIN_IMAGE_SIZE}. Received: image_size={image_size}")
     return tuple(int(s) for s in size)
-
-
-def _write_text(path, text):
-    temporary = f"{path}.partial"
-    with open(temporary, "w") as f:
-        f.write(text)
-    os.replace(temporary, path)
