@@ -7,6 +7,8 @@ that TFLite, ONNX and their GPU delegates all support.
 import keras
 from keras import ops
 
+from keras_twins.layers.tokens import dense_over_tokens
+
 
 class MultiHeadAttentionCore(keras.layers.Layer):
     """Base of the two Twins attentions; subclasses form queries, keys and values.
@@ -78,7 +80,8 @@ class MultiHeadAttentionCore(keras.layers.Layer):
         return ops.reshape(out, (-1, n_query, self.dim))
 
     def _project(self, x, training=None):
-        return self.projection_dropout_layer(self.projection(x), training=training)
+        return self.projection_dropout_layer(dense_over_tokens(self.projection, x),
+                                             training=training)
 
     def compute_output_shape(self, input_shape):
         return input_shape

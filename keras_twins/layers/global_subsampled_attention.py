@@ -3,6 +3,7 @@ from keras import ops
 
 from keras_twins.layers.attention import MultiHeadAttentionCore
 from keras_twins.layers.registration import register
+from keras_twins.layers.tokens import dense_over_tokens
 
 
 @register
@@ -57,10 +58,10 @@ class GlobalSubsampledAttention(MultiHeadAttentionCore):
         if self.sr_ratio > 1:
             summary = self.subsample_norm(self.subsample(inputs))
         _, summary_height, summary_width, _ = ops.shape(summary)
-        query = ops.reshape(self.query(inputs), (-1, height * width, self.dim))
-        key_value = ops.reshape(
-            self.key_value(summary), (-1, summary_height * summary_width, 2 * self.dim)
-        )
+        query = ops.reshape(dense_over_tokens(self.query, inputs),
+                            (-1, height * width, self.dim))
+        key_value = ops.reshape(dense_over_tokens(self.key_value, summary),
+                                (-1, summary_height * summary_width, 2 * self.dim))
         key, value = ops.split(key_value, 2, axis=-1)  # channels are [k | v]
         x = self._attend(query, key, value, training=training)
         x = ops.reshape(x, (-1, height, width, self.dim))

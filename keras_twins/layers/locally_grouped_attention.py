@@ -3,6 +3,7 @@ from keras import ops
 
 from keras_twins.layers.attention import MultiHeadAttentionCore
 from keras_twins.layers.registration import register
+from keras_twins.layers.tokens import dense_over_tokens
 
 
 @register
@@ -49,7 +50,7 @@ class LocallyGroupedSelfAttention(MultiHeadAttentionCore):
         # The projection is per token, so it runs on the padded map before the
         # windows are formed: the converters then see only rank-4 matmuls.
         # (batch, rows*ws, cols*ws, 3*dim) -> (batch*rows*cols, ws*ws, 3*dim)
-        x = ops.reshape(self.qkv(x), (-1, rows, ws, cols, ws, 3 * self.dim))
+        x = ops.reshape(dense_over_tokens(self.qkv, x), (-1, rows, ws, cols, ws, 3 * self.dim))
         x = ops.transpose(x, (0, 1, 3, 2, 4, 5))
         x = ops.reshape(x, (-1, ws * ws, 3 * self.dim))
 

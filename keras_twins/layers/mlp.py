@@ -1,6 +1,7 @@
 import keras
 
 from keras_twins.layers.registration import register
+from keras_twins.layers.tokens import dense_over_tokens
 
 
 @register
@@ -32,9 +33,9 @@ class MLP(keras.layers.Layer):
         self.fc2.build(tuple(input_shape[:-1]) + (self.hidden_dim,))
 
     def call(self, inputs, training=None):
-        x = keras.activations.gelu(self.fc1(inputs), approximate=False)
+        x = keras.activations.gelu(dense_over_tokens(self.fc1, inputs), approximate=False)
         x = self.dropout_layer(x, training=training)
-        return self.dropout_layer(self.fc2(x), training=training)
+        return self.dropout_layer(dense_over_tokens(self.fc2, x), training=training)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.dim,)
