@@ -4,7 +4,8 @@
                                  [--top 5] [--json]
     keras-twins convert SRC --output DST.weights.h5 [--variant NAME]
     keras-twins export --format tflite|onnx|saved_model --output PATH [--model NAME|CONFIG.json]
-                       [--weights imagenet|PATH|none] [--quantize none|float16|dynamic|int8]
+                       [--weights imagenet|PATH|none]
+                       [--quantize none|float16|dynamic|int8|int8-mixed]
                        [--representative-data DIR] [--image-size H [W]] [--batch-size 1] [--logits]
     keras-twins train --data tfds:NAME|DIR --output DIR [--model NAME|CONFIG.json]
                       [--weights imagenet|PATH] [--image-size H [W]] [--epochs N]
@@ -58,7 +59,7 @@ def main(argv=None):
     export.add_argument("--format", required=True, help="saved_model, tflite or onnx")
     export.add_argument("--output", required=True, help="the file (or SavedModel folder)")
     export.add_argument("--quantize", default="none",
-                        help="TFLite: none, float16, dynamic or int8")
+                        help="TFLite: none, float16, dynamic, int8 or int8-mixed")
     export.add_argument("--representative-data", help="image folder for int8 calibration")
     export.add_argument("--image-size", type=int, nargs="+", default=[224],
                         metavar="H [W]", help="input size (default 224)")
@@ -244,7 +245,7 @@ def _export(args):
             f"ops: {', '.join(report['ops'])}",
             f"GPU delegate: {report['gpu_compatibility']}",
         ]
-        if args.quantize == "int8":
+        if args.quantize.startswith("int8"):
             lines.append("ops computing in float: "
                          + (", ".join(report["float_ops"]) or "none"))
     return "\n".join(lines)

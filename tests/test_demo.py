@@ -12,13 +12,14 @@ def test_demo_trains_exports_and_prints_its_table(tmp_path):
     result = subprocess.run([sys.executable, str(DEMO), "--output", str(output)],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+    names = ("Keras (TensorFlow)", "TFLite float32", "TFLite int8", "TFLite int8-mixed")
     rows = {}
     for line in result.stdout.splitlines():
-        for name in ("Keras (TensorFlow)", "TFLite float32", "TFLite int8"):
-            if line.startswith(name):
+        for name in names:
+            if line.startswith(name + " "):
                 cells = line[len(name):].split()
                 rows[name] = [float(cell.rstrip("%")) for cell in cells]
-    assert set(rows) == {"Keras (TensorFlow)", "TFLite float32", "TFLite int8"}, result.stdout
+    assert set(rows) == set(names), result.stdout
     print("\n" + "\n".join(f"{name}: {cells}" for name, cells in rows.items()))
     keras_top1, _, keras_mb, keras_ms = rows["Keras (TensorFlow)"]
     assert keras_top1 >= 95.0
@@ -28,9 +29,13 @@ def test_demo_trains_exports_and_prints_its_table(tmp_path):
     assert float32_agreement >= 99.5 and abs(float32_top1 - keras_top1) <= 0.5
     assert int8_agreement >= 95.0 and int8_top1 >= 93.0
     assert int8_mb <= 0.4 * float32_mb
-    assert keras_ms > 0 and int8_ms > 0
+    mixed_top1, mixed_agreement, mixed_mb, mixed_ms = rows["TFLite int8-mixed"]
+    assert mixed_agreement >= 95.0 and mixed_top1 >= 93.0
+    assert mixed_mb <= 0.4 * float32_mb
+    assert keras_ms > 0 and int8_ms > 0 and mixed_ms > 0
     assert (output / "run" / "training.png").stat().st_size > 10_000
     assert (output / "digits_int8.tflite").exists()
+    assert (output / "digits_int8_mixed.tflite").exists()
 
     again = subprocess.run([sys.executable, str(DEMO), "--output", str(tmp_path)],
                            capture_output=True, text=True, timeout=300)

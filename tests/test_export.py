@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 from PIL import Image
@@ -12,6 +13,7 @@ from PIL import Image
 import keras_twins
 from conftest import TINY
 from conftest import TINY_PCPVT
+from keras_twins.export import FLOAT_IN_MIXED_INT8
 from keras_twins.export import ExportError
 from keras_twins.export import export
 from keras_twins.export import read_tflite_metadata
@@ -130,6 +132,7 @@ def calibration_images(tmp_path_factory):
 
 
 def test_quantized_files_run_and_shrink(calibration_images, tmp_path):
+    keras.utils.set_random_seed(0)
     # Wide enough (2.4M parameters) that the weights, not the graph, set the size.
     model = keras_twins.Twins(**{**TINY, "embed_dims": (64, 128, 192, 256),
                                  "num_heads": (1, 2, 3, 4)}, classes=10)
@@ -147,6 +150,17 @@ def test_quantized_files_run_and_shrink(calibration_images, tmp_path):
     # Integer kernels throughout, but for the output's dequantization and
     # LayerNorm's negation, which have no int8 kernel.
     assert set(tflite_report(str(int8))["float_ops"]) <= {"DEQUANTIZE", "NEG"}
+    mixed = export(model, tmp_path / "mixed.tflite", quantize="int8-mixed",
+                   representative_data=calibration_images)
+    output, _ = run_tflite(mixed, images)
+    print("int8-mixed max|diff| from Keras:", np.abs(output - expected).max(),
+          "full int8:", np.abs(run_tflite(int8, images)[0] - expected).max())
+    assert np.abs(output - expected).max() <= 0.05
+    assert os.path.getsize(mixed) <= 0.3 * os.path.getsize(float32)
+    # Float only where XNNPACK has no int8 kernel; the linear layers are int8.
+    float_ops = set(tflite_report(str(mixed))["float_ops"])
+    assert {"BATCH_MATMUL", "SOFTMAX", "GELU"} <= float_ops
+    assert float_ops <= set(FLOAT_IN_MIXED_INT8) | {"DEQUANTIZE"}
     dynamic = export(model, tmp_path / "dynamic.tflite", quantize="dynamic")
     assert run_tflite(dynamic, images)[0].shape == (1, 10)
 
