@@ -9,6 +9,7 @@ from keras_twins.model import TwinsPCPVTSmall
 from keras_twins.model import TwinsSVTBase
 from keras_twins.model import TwinsSVTLarge
 from keras_twins.model import TwinsSVTSmall
+from keras_twins.model import pyramid_outputs
 from keras_twins.imagenet import decode_predictions
 from keras_twins.imagenet import preprocess_input
 from keras_twins.images import load_image
@@ -30,4 +31,5 @@ __all__ = [
     "layers",
     "load_image",
     "preprocess_input",
+    "pyramid_outputs",
 ]

@@ -5,6 +5,7 @@ Vision Transformers", NeurIPS 2021 (https://arxiv.org/abs/2104.13840).
 """
 
 import os
+import re
 
 import keras
 import numpy as np
@@ -26,7 +27,7 @@ def Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios,
           window_sizes=None, patch_size=4, include_top=True, weights=None,
           input_tensor=None, input_shape=None, pooling=None, classes=1000,
           classifier_activation="softmax", include_preprocessing=True,
-          drop_path_rate=0.0, name="twins"):
+          drop_path_rate=0.0, pyramid_norm=False, name="twins"):
     """Builds a Twins model of any size.
 
     Each stage embeds patches (stride `patch_size` for the first stage, 2
@@ -45,11 +46,11 @@ def Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios,
         window_sizes: LSA window side for each stage, or `None` for PCPVT.
         patch_size: patch side of the first stage.
         include_top, weights, input_tensor, input_shape, pooling, classes,
-        classifier_activation, include_preprocessing, drop_path_rate, name:
-            as for `TwinsSVTSmall`.
+        classifier_activation, include_preprocessing, drop_path_rate,
+        pyramid_norm, name: as for `TwinsSVTSmall`.
 
     Returns:
-        A `keras.Model`.
+        A `keras.Model` with a `pyramid_outputs` attribute.
     """
     num_stages = len(embed_dims)
     per_stage = dict(depths=depths, num_heads=num_heads, mlp_ratios=mlp_ratios,
@@ -103,6 +104,11 @@ def Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios,
             block_index += 1
             if i == 0:
                 x = PositionalEncodingGenerator(name=f"pos_encoding_{stage}")(x)
+        if pyramid_norm:
+            # As the official SVT detection/segmentation backbone: the normed
+            # map is both the stage's output and the next stage's input.
+            x = keras.layers.LayerNormalization(
+                epsilon=1e-6, name=f"pyramid_norm_{stage}")(x)
     x = keras.layers.LayerNormalization(epsilon=1e-6, name="norm")(x)
 
     if include_top:
@@ -120,9 +126,40 @@ def Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios,
     if input_tensor is not None:
         inputs = keras.utils.get_source_inputs(input_tensor)
     model = keras.Model(inputs, x, name=name)
-    if weights is not None:
+    if weights is not None and pyramid_norm:
+        # The weights have no pyramid norms: load them into the same network
+        # without, then copy layer by layer.
+        plain = Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios, window_sizes,
+                      patch_size, include_top, weights, input_shape=input_shape,
+                      pooling=pooling, classes=classes, include_preprocessing=include_preprocessing)
+        for layer in plain.layers:
+            if layer.weights:
+                model.get_layer(layer.name).set_weights(layer.get_weights())
+    elif weights is not None:
         load_weights(model, weights, variant, include_top=include_top, classes=classes)
+    model.pyramid_outputs = pyramid_outputs(model)
     return model
+
+
+_STAGE_LAYER = re.compile(r"stage_(\d+)_block_\d+|pos_encoding_(\d+)|pyramid_norm_(\d+)")
+
+
+def pyramid_outputs(model):
+    """`{"P2": ..., "P5": ...}`: the stage outputs of a Twins model, found by name.
+
+    The same dict as a built model's `pyramid_outputs`, also for a model
+    loaded from a `.keras` file, which does not keep that attribute.
+    """
+    found = {}
+    for layer in model.layers:  # in graph order: a stage's last layer comes last
+        match = _STAGE_LAYER.fullmatch(layer.name)
+        if match:
+            stage = int(next(group for group in match.groups() if group is not None))
+            found[f"P{stage + 2}"] = layer.output  # stride 2**(stage + 2)
+    if not found:
+        raise ValueError(f"`{model.name}` has no Twins stages (layers named "
+                         "stage_S_block_B); it is not a Twins model")
+    return found
 
 
 def _validate_arguments(weights, variant, include_top, classes, pooling):
@@ -194,13 +231,13 @@ def _variant(public_name, variant_name):
     def constructor(include_top=True, weights=None, input_tensor=None,
                     input_shape=None, pooling=None, classes=1000,
                     classifier_activation="softmax", include_preprocessing=True,
-                    drop_path_rate=0.0, name=variant_name):
+                    drop_path_rate=0.0, pyramid_norm=False, name=variant_name):
         return Twins(
             **config, include_top=include_top, weights=weights,
             input_tensor=input_tensor, input_shape=input_shape, pooling=pooling,
             classes=classes, classifier_activation=classifier_activation,
             include_preprocessing=include_preprocessing,
-            drop_path_rate=drop_path_rate, name=name,
+            drop_path_rate=drop_path_rate, pyramid_norm=pyramid_norm, name=name,
         )
 
     constructor.__name__ = constructor.__qualname__ = public_name
@@ -237,10 +274,20 @@ Args:
     include_preprocessing: whether the model normalizes [0, 255] inputs
         itself (`True`) or expects already-normalized inputs, as timm.
     drop_path_rate: stochastic depth rate, growing linearly over the blocks.
+    pyramid_norm: add a LayerNorm (eps 1e-6) after each stage, in the main
+        path, as the official Twins-SVT detection and segmentation backbones
+        do. These norms are not in the ImageNet weights; they start as
+        initialized and are learned in fine-tuning.
     name: the model name.
 
 Returns:
-    A `keras.Model`.
+    A `keras.Model`. Its `pyramid_outputs` is a dict `{{"P2": ..., "P5": ...}}`
+    of the four stage outputs (channels-last, strides 4, 8, 16 and 32),
+    before the final norm, as timm's `forward_intermediates` and the
+    reference dense-prediction backbones give them to an FPN:
+    `keras.Model(model.inputs, model.pyramid_outputs)` is the feature
+    extractor. A model loaded from a `.keras` file does not keep this
+    attribute; `keras_twins.pyramid_outputs(model)` finds it again.
 """
 
 TwinsPCPVTSmall = _variant("TwinsPCPVTSmall", "twins_pcpvt_small")

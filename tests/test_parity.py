@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import h5py
+import keras
 import numpy as np
 import pytest
 
@@ -73,6 +74,20 @@ def test_logits_and_features_match_timm(variant, random_reference):
         tokens = feature_map.reshape(2, -1, feature_map.shape[-1])
         ok, error, bound = max_error_within_tolerance(tokens, expected_features)
         assert ok, f"{variant} {height}x{width} features: max|diff| {error:.3g} > {bound:.3g}"
+
+    # The feature pyramid, at a size where every stage's map is non-square.
+    extractor = keras.Model(features.inputs, features.pyramid_outputs)
+    images = rng.standard_normal((2, 3, 97, 131)).astype(np.float32)
+    with torch.no_grad():
+        expected = reference.forward_intermediates(torch.from_numpy(images),
+                                                   intermediates_only=True)
+    pyramid = extractor.predict(images.transpose(0, 2, 3, 1), verbose=0)
+    assert sorted(pyramid) == ["P2", "P3", "P4", "P5"]
+    for level, reference_map in zip(("P2", "P3", "P4", "P5"), expected):
+        reference_map = reference_map.numpy().transpose(0, 2, 3, 1)
+        assert pyramid[level].shape == reference_map.shape, level
+        ok, error, bound = max_error_within_tolerance(pyramid[level], reference_map)
+        assert ok, f"{variant} {level}: max|diff| {error:.3g} > {bound:.3g}"
 
 
 def test_preprocessing_inside_the_model_matches_timm_normalization(random_reference):
