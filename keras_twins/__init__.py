@@ -10,6 +10,7 @@ from keras_twins.model import TwinsSVTBase
 from keras_twins.model import TwinsSVTLarge
 from keras_twins.model import TwinsSVTSmall
 from keras_twins.model import pyramid_outputs
+from keras_twins.segmentation import SemanticFPN
 from keras_twins.imagenet import decode_predictions
 from keras_twins.imagenet import preprocess_input
 from keras_twins.images import load_image
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CONSTRUCTORS",
+    "SemanticFPN",
     "Twins",
     "TwinsPCPVTBase",
     "TwinsPCPVTLarge",

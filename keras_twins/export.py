@@ -60,7 +60,8 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
         image_size: `(height, width)`; default: the model's static input
             size, or 224x224.
         batch_size: the fixed batch size of the exported graph.
-        output: `"probabilities"` or `"logits"`.
+        output: `"probabilities"` or `"logits"`. A model without a layer
+            named `head` (a `SemanticFPN`) is exported with its own output.
 
     Returns:
         The path written.
@@ -175,7 +176,9 @@ def _image_size(model, image_size):
 
 
 def _forward(model, output):
-    if output == "probabilities":
+    names = {layer.name for layer in model.layers}
+    if output == "probabilities" or "head" not in names:
+        # A model without a classification head (SemanticFPN) runs as it is.
         return lambda images: model(images, training=False)
     head = model.get_layer("head")
     features = keras.Model(model.input, head.input)

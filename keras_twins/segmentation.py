@@ -1,0 +1,156 @@
+"""Semantic segmentation: the Semantic FPN head on a Twins feature pyramid.
+
+Reference: Kirillov et al., "Panoptic Feature Pyramid Networks", CVPR 2019
+(the semantic branch), as the Twins paper uses it for ADE20K (Table 2).
+"""
+
+import keras
+from keras import ops
+
+from keras_twins.layers.registration import register
+from keras_twins.model import pyramid_outputs
+
+IGNORE_LABEL = 255  # pixels with this label count in neither the loss nor the IoU
+
+
+@register
+class ResizeLike(keras.layers.Layer):
+    """Bilinear resize of `inputs[0]` to the height and width of `inputs[1]`.
+
+    Exact sizes, not a factor of 2: a stride-32 map of an 800x600 image is
+    18x25 while its stride-16 map is 37x50. Static sizes (any exported
+    graph) give TFLite's RESIZE_BILINEAR.
+    """
+
+    def call(self, inputs):
+        source, target = inputs
+        height, width = target.shape[1], target.shape[2]
+        if (height, width) == tuple(source.shape[1:3]) and height is not None:
+            return source  # already that size
+        if height is None or width is None:
+            # keras.ops.image.resize takes Python ints only; a map whose size
+            # is known only at run time needs the backend's own resize.
+            import tensorflow as tf
+
+            size = tf.shape(target)[1:3]
+            return ops.cast(tf.image.resize(source, size, method="bilinear"), source.dtype)
+        return ops.image.resize(source, (height, width), interpolation="bilinear")
+
+    def compute_output_shape(self, input_shapes):
+        source, target = input_shapes
+        return (source[0], target[1], target[2], source[3])
+
+
+def SemanticFPN(backbone, num_classes, fpn_channels=256, head_channels=128,
+                dropout=0.1, name="semantic_fpn"):
+    """Semantic FPN on a Twins backbone: images to per-pixel logits.
+
+    The FPN turns P2..P5 into `fpn_channels` maps: 1x1 lateral convolutions,
+    a top-down path (each coarser map resized to the finer one and added),
+    and a 3x3 convolution per level. Each level then goes to stride 4 through
+    3x3 conv + BatchNorm + ReLU blocks, one per factor of 2, each followed by
+    a 2x bilinear upsampling (to the finer level's exact size, as sizes are
+    floored at each stride); the four maps are summed, a 1x1 convolution
+    classifies, and the logits are resized to the input size.
+
+    Args:
+        backbone: a Twins model, usually with `include_top=False` (any
+            `keras_twins` constructor or `keras_twins.Twins`); its
+            `pyramid_outputs` are found by layer name.
+        num_classes: classes of the per-pixel classifier.
+        fpn_channels: channels of the FPN maps (256 in the paper).
+        head_channels: channels of the per-level heads (128 in the paper).
+        dropout: dropout before the classifier.
+        name: the model name.
+
+    Returns:
+        A `keras.Model` from the backbone's input, `(batch, H, W, 3)`, to
+        logits `(batch, H, W, num_classes)`. Train it with
+        `compile_for_segmentation`, on `(image, mask)` pairs.
+    """
+    if num_classes < 1:
+        raise ValueError(f"`num_classes` must be at least 1. Received: num_classes={num_classes}")
+    pyramid = pyramid_outputs(backbone)
+    levels = sorted(pyramid)  # "P2" (finest) .. "P5"
+    features = [pyramid[level] for level in levels]
+
+    laterals = [
+        keras.layers.Conv2D(fpn_channels, 1, name=f"fpn_lateral_{level}")(feature)
+        for level, feature in zip(levels, features)
+    ]
+    for i in range(len(laterals) - 1, 0, -1):  # top-down: coarse into fine
+        coarser = ResizeLike(name=f"fpn_upsample_{levels[i]}")([laterals[i], laterals[i - 1]])
+        laterals[i - 1] = keras.layers.Add(name=f"fpn_merge_{levels[i - 1]}")(
+            [laterals[i - 1], coarser])
+    outputs = [
+        keras.layers.Conv2D(fpn_channels, 3, padding="same", name=f"fpn_output_{level}")(x)
+        for level, x in zip(levels, laterals)
+    ]
+
+    scaled = []
+    for i, (level, x) in enumerate(zip(levels, outputs)):
+        for step in range(max(i, 1)):
+            prefix = f"head_{level}_{step}"
+            x = keras.layers.Conv2D(head_channels, 3, padding="same", use_bias=False,
+                                    name=f"{prefix}_conv")(x)
+            x = keras.layers.BatchNormalization(epsilon=1e-5, name=f"{prefix}_bn")(x)
+            x = keras.layers.ReLU(name=f"{prefix}_relu")(x)
+            if i > 0:  # 2x up, to exactly the next finer level's size
+                x = ResizeLike(name=f"{prefix}_upsample")([x, outputs[i - 1 - step]])
+        scaled.append(x)
+    x = keras.layers.Add(name="head_sum")(scaled)
+    x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+    x = keras.layers.Conv2D(num_classes, 1, name="classifier")(x)
+    logits = ResizeLike(name="logits", dtype="float32")([x, backbone.inputs[0]])
+    return keras.Model(backbone.inputs, logits, name=name)
+
+
+def compile_for_segmentation(model, optimizer=None, ignore_label=IGNORE_LABEL):
+    """Compiles `model` for `(image, mask)` pairs: masks of class ids, `ignore_label` skipped.
+
+    Loss: per-pixel sparse categorical cross-entropy on the logits. Metric:
+    mean IoU over the model's classes.
+    """
+    num_classes = model.output_shape[-1]
+    model.compile(
+        optimizer=optimizer or keras.optimizers.AdamW(1e-4, weight_decay=1e-4),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+                                                        ignore_class=ignore_label),
+        metrics=[keras.metrics.MeanIoU(num_classes, name="mean_iou", sparse_y_true=True,
+                                       sparse_y_pred=False, ignore_class=ignore_label)],
+    )
+    return model
+
+
+def synthetic_shapes(num_images, image_size=(64, 96), seed=0):
+    """A small segmentation dataset made on the spot: squares and disks on noise.
+
+    Class 0 is the background, 1 the squares (reddish), 2 the disks
+    (bluish), with jittered colours, sizes and positions; a one-pixel ring
+    around each disk is `IGNORE_LABEL`, as annotation borders often are. For
+    checking a segmentation pipeline offline.
+
+    Returns:
+        `(images, masks)`: float32 `(n, H, W, 3)` in [0, 255] and uint8 `(n, H, W)`.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    height, width = image_size
+    rows, cols = np.mgrid[:height, :width]
+    images = rng.uniform(40, 140, (num_images, height, width, 3)).astype(np.float32)
+    masks = np.zeros((num_images, height, width), np.uint8)
+    for image, mask in zip(images, masks):
+        for _ in range(rng.integers(1, 4)):
+            side = rng.integers(height // 6, height // 2)
+            top, left = rng.integers(0, height - side), rng.integers(0, width - side)
+            image[top:top + side, left:left + side] = rng.uniform([170, 20, 20], [255, 90, 90])
+            mask[top:top + side, left:left + side] = 1
+        for _ in range(rng.integers(1, 3)):
+            radius = rng.integers(height // 10, height // 4)
+            y, x = rng.integers(radius, height - radius), rng.integers(radius, width - radius)
+            distance = np.sqrt((rows - y) ** 2 + (cols - x) ** 2)
+            image[distance <= radius] = rng.uniform([20, 20, 170], [90, 90, 255])
+            mask[distance <= radius - 1] = 2
+            mask[(distance > radius - 1) & (distance <= radius)] = IGNORE_LABEL
+    return images, masks
