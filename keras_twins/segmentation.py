@@ -5,6 +5,7 @@ Reference: Kirillov et al., "Panoptic Feature Pyramid Networks", CVPR 2019
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_twins.layers.registration import register
@@ -25,8 +26,6 @@ class ResizeLike(keras.layers.Layer):
     def call(self, inputs):
         source, target = inputs
         height, width = target.shape[1], target.shape[2]
-        if (height, width) == tuple(source.shape[1:3]) and height is not None:
-            return source  # already that size
         if height is None or width is None:
             # keras.ops.image.resize takes Python ints only; a map whose size
             # is known only at run time needs the backend's own resize.
@@ -34,6 +33,8 @@ class ResizeLike(keras.layers.Layer):
 
             size = tf.shape(target)[1:3]
             return ops.cast(tf.image.resize(source, size, method="bilinear"), source.dtype)
+        if (height, width) == tuple(source.shape[1:3]):
+            return source  # already that size
         return ops.image.resize(source, (height, width), interpolation="bilinear")
 
     def compute_output_shape(self, input_shapes):
@@ -133,8 +134,6 @@ def synthetic_shapes(num_images, image_size=(64, 96), seed=0):
     Returns:
         `(images, masks)`: float32 `(n, H, W, 3)` in [0, 255] and uint8 `(n, H, W)`.
     """
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     height, width = image_size
     rows, cols = np.mgrid[:height, :width]

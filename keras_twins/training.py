@@ -433,7 +433,7 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
             _allow_multi_worker_fit(classifier, strategy)
         if chief:
             write_text(os.path.join(output, "labels.txt"),
-                        "".join(f"{name}\n" for name in train_split.class_names))
+                       "".join(f"{name}\n" for name in train_split.class_names))
         run_callbacks = [
             keras.callbacks.BackupAndRestore(backup_dir, save_freq=backup_freq,
                                              double_checkpoint=True),
