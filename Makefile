@@ -18,8 +18,10 @@ $(VENV)/.demo-installed: setup.cfg pyproject.toml | $(PY)
 	$(PIP) install -q -e ".[demo]"
 	touch $@
 
+# Two workers, one test file each at a time: most of a test's time is single-threaded
+# (tracing, conversion, subprocesses), so the 2-core CI machine runs them side by side.
 test: $(VENV)/.test-installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: $(VENV)/.demo-installed
 	$(PY) examples/demo.py

@@ -16,13 +16,19 @@ from conftest import max_error_within_tolerance
 SIZES = [(224, 224), (97, 131), (200, 264)]
 
 
-def convert_with_cli(source, output):
-    result = subprocess.run(
-        [sys.executable, "-m", "weights_convert", str(source), "--output", str(output)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr
-    return output
+def convert_with_cli(*jobs):
+    """Runs `python -m weights_convert SOURCE --output OUTPUT` for each job, side by side."""
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "weights_convert", str(source), "--output", str(output)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for source, output in jobs
+    ]
+    for process in processes:
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr
+    return [output for _, output in jobs]
 
 
 def assert_same_weights_file(first, second):
@@ -41,13 +47,13 @@ def assert_same_weights_file(first, second):
 
 
 @pytest.mark.parametrize("variant", list(keras_twins.CONSTRUCTORS))
-def test_logits_and_features_match_timm(variant, random_reference):
+def test_logits_and_features_match_timm(variant, random_reference, tmp_path):
     import torch
 
     reference, directory = random_reference(variant)
-    from_pth = convert_with_cli(directory / "model.pth", directory / "pth.weights.h5")
-    from_safetensors = convert_with_cli(
-        directory / "model.safetensors", directory / "st.weights.h5"
+    from_pth, from_safetensors = convert_with_cli(
+        (directory / "model.pth", tmp_path / "pth.weights.h5"),
+        (directory / "model.safetensors", tmp_path / "st.weights.h5"),
     )
 
     assert_same_weights_file(from_pth, from_safetensors)
