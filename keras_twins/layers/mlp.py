@@ -1,7 +1,8 @@
 import keras
+from keras import ops
 
 from keras_twins.layers.registration import register
-from keras_twins.layers.tokens import dense_over_tokens
+from keras_twins.layers.tokens import dense_2d
 
 
 @register
@@ -33,9 +34,14 @@ class MLP(keras.layers.Layer):
         self.fc2.build(tuple(input_shape[:-1]) + (self.hidden_dim,))
 
     def call(self, inputs, training=None):
-        x = keras.activations.gelu(dense_over_tokens(self.fc1, inputs), approximate=False)
+        # All on flat (tokens, channels): the GELU must read fc1's bias add
+        # directly for TensorFlow to fuse the two (see tokens.py).
+        shape = ops.shape(inputs)
+        x = ops.reshape(inputs, (-1, self.dim))
+        x = keras.activations.gelu(dense_2d(self.fc1, x), approximate=False)
         x = self.dropout_layer(x, training=training)
-        return self.dropout_layer(dense_over_tokens(self.fc2, x), training=training)
+        x = self.dropout_layer(dense_2d(self.fc2, x), training=training)
+        return ops.reshape(x, (-1, *shape[1:-1], self.dim))
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.dim,)

@@ -14,12 +14,15 @@ def dense_over_tokens(layer, tokens):
     Static dims stay static, so exported graphs keep fixed shapes.
     """
     shape = ops.shape(tokens)
-    flat = ops.reshape(tokens, (-1, shape[-1]))
-    if _plain_tensorflow_dense(layer):
-        outputs = _matmul_bias_add(flat, layer.kernel, layer.bias)
-    else:
-        outputs = layer(flat)
+    outputs = dense_2d(layer, ops.reshape(tokens, (-1, shape[-1])))
     return ops.reshape(outputs, (-1, *shape[1:-1], layer.units))
+
+
+def dense_2d(layer, x):
+    """`layer(x)` for a 2-D `x`, as MatMul + BiasAdd where that is the same."""
+    if _plain_tensorflow_dense(layer):
+        return _matmul_bias_add(x, layer.kernel, layer.bias)
+    return layer(x)
 
 
 def _plain_tensorflow_dense(layer):
@@ -33,10 +36,11 @@ def _matmul_bias_add(x, kernel, bias):
     """`x @ kernel + bias`, with the bias as TensorFlow's BiasAdd.
 
     Keras adds a Dense bias with AddV2. Grappler fuses MatMul with either
-    into one oneDNN call, but MatMul + BiasAdd + GELU only with a BiasAdd:
-    with it the exact GELU after fc1 costs next to nothing (stage 1 of SVT-S,
-    batch 16: 81 -> 44 ms for fc1 and GELU). TFLite reads it as
-    FULLY_CONNECTED with a bias, as before.
+    into one oneDNN call, but MatMul + BiasAdd + GELU only with a BiasAdd
+    whose output feeds the GELU directly (no reshape between): then the exact
+    GELU after fc1 costs next to nothing (stage 1 of SVT-S, batch 16:
+    81 -> 44 ms for fc1 and GELU). TFLite reads it as FULLY_CONNECTED with a
+    bias, as before.
     """
     import tensorflow as tf
 
