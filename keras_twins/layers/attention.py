@@ -61,12 +61,26 @@ class MultiHeadAttentionCore(keras.layers.Layer):
             `(batch, n_query, dim)`, heads concatenated head-major.
         """
         n_query = ops.shape(query)[1]
-        query = self._split_heads(query * self.scale, (0, 2, 1, 3))
+        query = self._split_heads(query, (0, 2, 1, 3))
         # Keys go straight to (batch, heads, head_dim, n_key): no later k^T.
         key = self._split_heads(key, (0, 2, 3, 1))
         value = self._split_heads(value, (0, 2, 1, 3))
-        scores = ops.matmul(query, key)
-        if key.shape[-1] == 1:
+        out = ops.transpose(self._attend_heads(query, key, value, training), (0, 2, 1, 3))
+        return ops.reshape(out, (-1, n_query, self.dim))
+
+    def _attend_heads(self, query, transposed_key, value, training=None):
+        """softmax(q k^T / sqrt(head_dim)) v, one head per batch entry.
+
+        Args:
+            query: `(..., n_query, head_dim)`.
+            transposed_key: `(..., head_dim, n_key)`.
+            value: `(..., n_key, head_dim)`.
+
+        Returns:
+            `(..., n_query, head_dim)`.
+        """
+        scores = ops.matmul(query * self.scale, transposed_key)
+        if transposed_key.shape[-1] == 1:
             # One key (GSA on a map smaller than its sub-sampling window):
             # the softmax is exactly 1, so skip it and Keras' warning about it.
             weights = ops.ones_like(scores)
@@ -76,8 +90,7 @@ class MultiHeadAttentionCore(keras.layers.Layer):
             weights = ops.cast(ops.softmax(ops.cast(scores, "float32"), axis=-1),
                                scores.dtype)
         weights = self.attention_dropout_layer(weights, training=training)
-        out = ops.transpose(ops.matmul(weights, value), (0, 2, 1, 3))
-        return ops.reshape(out, (-1, n_query, self.dim))
+        return ops.matmul(weights, value)
 
     def _project(self, x, training=None):
         return self.projection_dropout_layer(dense_over_tokens(self.projection, x),

@@ -48,18 +48,20 @@ class LocallyGroupedSelfAttention(MultiHeadAttentionCore):
         rows, cols = (height + pad_bottom) // ws, (width + pad_right) // ws
 
         # The projection is per token, so it runs on the padded map before the
-        # windows are formed: the converters then see only rank-4 matmuls.
-        # (batch, rows*ws, cols*ws, 3*dim) -> (batch*rows*cols, ws*ws, 3*dim)
-        x = ops.reshape(dense_over_tokens(self.qkv, x), (-1, rows, ws, cols, ws, 3 * self.dim))
-        x = ops.transpose(x, (0, 1, 3, 2, 4, 5))
-        x = ops.reshape(x, (-1, ws * ws, 3 * self.dim))
+        # windows are formed.
+        # One transpose gathers each window's tokens and puts the q/k/v and
+        # head index in front: (3 * heads, batch * rows, cols, ws, ws, head_dim).
+        # Splitting along that first axis then copies nothing, where a split
+        # over channels and a transpose per tensor each copied q, k and v.
+        heads, head_dim = self.num_heads, self.head_dim
+        x = ops.reshape(dense_over_tokens(self.qkv, x), (-1, ws, cols, ws, 3 * heads, head_dim))
+        x = ops.reshape(ops.transpose(x, (4, 0, 2, 1, 3, 5)), (3, -1, ws * ws, head_dim))
+        query, key, value = (ops.squeeze(t, 0) for t in ops.split(x, 3, axis=0))
+        x = self._attend_heads(query, ops.swapaxes(key, 1, 2), value, training=training)
 
-        query, key, value = ops.split(x, 3, axis=-1)
-        x = self._attend(query, key, value, training=training)
-
-        x = ops.reshape(x, (-1, rows, cols, ws, ws, self.dim))
-        x = ops.transpose(x, (0, 1, 3, 2, 4, 5))
-        x = ops.reshape(x, (-1, rows * ws, cols * ws, self.dim))
+        # And one transpose back: (batch * rows, ws, cols, ws, heads, head_dim).
+        x = ops.reshape(x, (heads, -1, cols, ws, ws, head_dim))
+        x = ops.reshape(ops.transpose(x, (1, 3, 2, 4, 0, 5)), (-1, rows * ws, cols * ws, self.dim))
         if padded:
             x = x[:, :height, :width, :]
         return self._project(x, training=training)
