@@ -217,10 +217,22 @@ def _tflite(function, model, quantize, representative_data, spec):
     with tempfile.TemporaryDirectory() as saved_model:
         _write_saved_model(model, function, spec, saved_model)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
-        return _convert_tflite(converter, quantize, representative_data, spec)
+        calibration = None
+        if quantize.startswith("int8"):
+            calibration = _calibration(representative_data, spec)
+        return _convert_tflite(converter, quantize, calibration)
 
 
-def _convert_tflite(converter, quantize, representative_data, spec):
+def _convert_tflite(converter, quantize, calibration=None, float_ops=FLOAT_IN_MIXED_INT8):
+    """The TFLite file's bytes.
+
+    Args:
+        converter: a `tf.lite.TFLiteConverter`.
+        quantize: one of `QUANTIZATIONS`.
+        calibration: for int8, a function returning an iterable of
+            `[image batch]` samples.
+        float_ops: the op types that `"int8-mixed"` leaves in float32.
+    """
     builtins_only = [tf.lite.OpsSet.TFLITE_BUILTINS]
     converter.target_spec.supported_ops = builtins_only
     if quantize != "none":
@@ -228,7 +240,6 @@ def _convert_tflite(converter, quantize, representative_data, spec):
     if quantize == "float16":
         converter.target_spec.supported_types = [tf.float16]
     if quantize == "int8-mixed":
-        calibration = _calibration(representative_data, spec)
         converter.representative_dataset = calibration
         converter.target_spec.supported_ops = (
             [tf.lite.OpsSet.TFLITE_BUILTINS_INT8] + builtins_only
@@ -240,11 +251,11 @@ def _convert_tflite(converter, quantize, representative_data, spec):
             debugger = tf.lite.experimental.QuantizationDebugger(
                 converter=converter, debug_dataset=calibration,
                 debug_options=tf.lite.experimental.QuantizationDebugOptions(
-                    denylisted_ops=list(FLOAT_IN_MIXED_INT8)),
+                    denylisted_ops=list(float_ops)),
             )
         return debugger.get_nondebug_quantized_model()
     if quantize == "int8":
-        converter.representative_dataset = _calibration(representative_data, spec)
+        converter.representative_dataset = calibration
         # Integer kernels only; the input and output stay float32 [0, 255].
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         try:
