@@ -15,7 +15,8 @@ section.
 import argparse
 import os
 import tempfile
-import time
+
+from bench import _best_times, _litert
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -46,29 +47,27 @@ def main():
     rng = np.random.default_rng(0)
     calibration = [[rng.uniform(0, 255, (1, 224, 224, 3)).astype(np.float32)]
                    for _ in range(8)]
-    with tempfile.TemporaryDirectory() as saved_model:
+    image = rng.uniform(0, 255, (1, 224, 224, 3)).astype(np.float32)
+    with tempfile.TemporaryDirectory() as folder:
+        saved_model = os.path.join(folder, "saved_model")
         export._write_saved_model(model, forward, spec, saved_model)
 
-        def convert(quantize, float_ops=export.FLOAT_IN_MIXED_INT8):
+        def convert(name, quantize, float_ops=export.FLOAT_IN_MIXED_INT8):
             converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
-            return export._convert_tflite(converter, quantize, lambda: iter(calibration),
-                                          float_ops)
+            path = os.path.join(folder, f"{len(runs)}.tflite")
+            with open(path, "wb") as f:
+                f.write(export._convert_tflite(converter, quantize, lambda: iter(calibration),
+                                               float_ops))
+            runs[name] = _litert(path, image)
 
-        files = {"float32": convert("none"), "full-integer int8": convert("int8"),
-                 "int8-mixed (all groups in float32)": convert("int8-mixed")}
+        runs = {}
+        convert("float32", "none")
+        convert("full-integer int8", "int8")
+        convert("int8-mixed (all groups in float32)", "int8-mixed")
         for group, ops in GROUPS.items():
-            files[f"int8, {group} in float32"] = convert("int8-mixed", ops)
+            convert(f"int8, {group} in float32", "int8-mixed", ops)
+        best = {name: seconds * 1e3 for name, seconds in _best_times(runs, args.rounds).items()}
 
-    image = rng.uniform(0, 255, (1, 224, 224, 3)).astype(np.float32)
-    runs = {name: _interpreter(content, image) for name, content in files.items()}
-    times = {name: [] for name in runs}
-    for _ in range(args.rounds):
-        for name, run in runs.items():
-            time.sleep(0.2)
-            started = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - started)
-    best = {name: min(values) * 1e3 for name, values in times.items()}
     full = best["full-integer int8"]
     print(f"{args.variant}, batch 1, 224x224, LiteRT with XNNPACK on 2 threads, "
           f"best of {args.rounds}")
@@ -76,21 +75,6 @@ def main():
     for name, ms in best.items():
         cost = f"{full - ms:.1f}" if name.startswith("int8,") else ""
         print(f"  {name:70s} {ms:7.1f} {cost:>15s}")
-
-
-def _interpreter(content, image):
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_content=content, num_threads=2)
-    interpreter.allocate_tensors()
-    index = interpreter.get_input_details()[0]["index"]
-
-    def run():
-        interpreter.set_tensor(index, image)
-        interpreter.invoke()
-
-    run()
-    return run
 
 
 if __name__ == "__main__":
