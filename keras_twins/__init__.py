@@ -3,6 +3,7 @@
 from keras_twins import layers
 from keras_twins.model import CONSTRUCTORS
 from keras_twins.model import Twins
+from keras_twins.model import TwinsModel
 from keras_twins.model import TwinsPCPVTBase
 from keras_twins.model import TwinsPCPVTLarge
 from keras_twins.model import TwinsPCPVTSmall
@@ -15,6 +16,7 @@ from keras_twins.imagenet import decode_predictions
 from keras_twins.imagenet import preprocess_input
 from keras_twins.images import load_image
 from keras_twins.variants import VARIANTS
+from keras_twins.cpu_streams import use_cpu_streams
 
 __version__ = "0.1.0"
 
@@ -27,11 +29,13 @@ __all__ = [
     "TwinsPCPVTSmall",
     "TwinsSVTBase",
     "TwinsSVTLarge",
+    "TwinsModel",
     "TwinsSVTSmall",
     "VARIANTS",
     "decode_predictions",
     "layers",
     "load_image",
     "preprocess_input",
+    "use_cpu_streams",
     "pyramid_outputs",
 ]

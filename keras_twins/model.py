@@ -4,12 +4,14 @@ Reference: Chu et al., "Twins: Revisiting the Design of Spatial Attention in
 Vision Transformers", NeurIPS 2021 (https://arxiv.org/abs/2104.13840).
 """
 
+import contextlib
 import os
 import re
 
 import keras
 import numpy as np
 
+from keras_twins import cpu_streams
 from keras_twins import variants
 from keras_twins.layers import PatchEmbedding
 from keras_twins.layers import PositionalEncodingGenerator
@@ -125,7 +127,7 @@ def Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios,
 
     if input_tensor is not None:
         inputs = keras.utils.get_source_inputs(input_tensor)
-    model = keras.Model(inputs, x, name=name)
+    model = TwinsModel(inputs, x, name=name)
     if weights is not None and pyramid_norm:
         # The weights have no pyramid norms: load them into the same network
         # without, then copy layer by layer.
@@ -139,6 +141,46 @@ def Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios,
         load_weights(model, weights, variant, include_top=include_top, classes=classes)
     model.pyramid_outputs = pyramid_outputs(model)
     return model
+
+
+@keras.saving.register_keras_serializable(package="keras_twins")
+class TwinsModel(keras.Model):
+    """The functional Twins network; its Keras loops run batches as CPU streams.
+
+    A plain functional model, except that `fit`, `evaluate` and `predict`
+    run each batch as slices when `keras_twins.use_cpu_streams()` is on.
+    """
+
+    _in_keras_loop = False
+
+    def train_step(self, *args, **kwargs):
+        with self._keras_loop():
+            return super().train_step(*args, **kwargs)
+
+    def test_step(self, *args, **kwargs):
+        with self._keras_loop():
+            return super().test_step(*args, **kwargs)
+
+    def predict_step(self, *args, **kwargs):
+        with self._keras_loop():
+            return super().predict_step(*args, **kwargs)
+
+    def call(self, inputs, training=None, mask=None):
+        def whole(x):
+            return super(TwinsModel, self).call(x, training=training, mask=mask)
+
+        if self._in_keras_loop and cpu_streams.active_streams() > 1:
+            return cpu_streams.call_in_streams(whole, inputs)
+        return whole(inputs)
+
+    @contextlib.contextmanager
+    def _keras_loop(self):
+        # The steps are traced once into a tf.function; the flag is read then.
+        self._in_keras_loop = True
+        try:
+            yield
+        finally:
+            self._in_keras_loop = False
 
 
 _STAGE_LAYER = re.compile(r"stage_(\d+)_block_\d+|pos_encoding_(\d+)|pyramid_norm_(\d+)")
