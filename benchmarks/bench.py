@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py [--variants twins_svt_small twins_pcpvt_small]
                                [--rounds 5] [--output BENCHMARKS.md]
+                               [--threading streams|per-op]
 
 For each variant, in one process, with every contender on the same number of
 threads (2 by default), alternating the contenders round by round and
@@ -19,6 +20,10 @@ reporting the best of the rounds:
   framework in its own process;
 - the achieved GFLOP/s as a fraction of this machine's float32 matrix
   multiply rate.
+
+keras_twins runs with `keras_twins.use_cpu_streams(2)` (each batch as two
+slices, one per thread), its documented setting for CPU throughput;
+`--threading per-op` runs it with TensorFlow splitting each op instead.
 
 The timed runs keep freed memory in the process (`KEEP_FREED_MEMORY`), so
 neither framework pays page faults that depend on the process's history.
@@ -58,11 +63,14 @@ def main():
     parser.add_argument("--variants", nargs="+", default=["twins_svt_small", "twins_pcpvt_small"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--output", default="BENCHMARKS.md")
+    parser.add_argument("--threading", choices=["streams", "per-op"], default="streams",
+                        help="keras_twins' threads: one per batch slice "
+                             "(use_cpu_streams), or TensorFlow splitting each op")
     parser.add_argument("--memory", choices=["keras", "timm"], help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory:
-        print(json.dumps(_peak_memory(args.memory, args.variant)))
+        print(json.dumps(_peak_memory(args.memory, args.variant, args.threading)))
         return
     if any(os.environ.get(name) != value for name, value in KEEP_FREED_MEMORY.items()):
         # malloc reads these once, at start-up.
@@ -74,15 +82,17 @@ def main():
     import torch  # noqa: F401
     import tensorflow as tf  # noqa: F401
 
+    _configure_frameworks(args.threading)
     matmul = _matmul_gflops()
     results = {}
     for variant in args.variants:
         print(f"\n{variant}", flush=True)
         results[variant] = _bench_variant(variant, args.rounds)
         for process in ("keras", "timm"):
-            results[variant][f"memory_{process}"] = _memory_in_subprocess(process, variant)
+            results[variant][f"memory_{process}"] = _memory_in_subprocess(
+                process, variant, args.threading)
         print(json.dumps(results[variant], indent=2), flush=True)
-    _write_report(args.output, results, matmul, args.rounds)
+    _write_report(args.output, results, matmul, args.rounds, args.threading)
     print(f"\nwrote {args.output}")
 
 
@@ -92,13 +102,23 @@ def _limit_threads():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def _configure_frameworks():
-    import tensorflow as tf
+def _configure_frameworks(threading):
     import torch
 
     torch.set_num_threads(THREADS)
-    tf.config.threading.set_intra_op_parallelism_threads(THREADS)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
+    _configure_tensorflow(threading)
+
+
+def _configure_tensorflow(threading):
+    import tensorflow as tf
+
+    import keras_twins
+
+    if threading == "streams":
+        keras_twins.use_cpu_streams(THREADS)
+    else:
+        tf.config.threading.set_intra_op_parallelism_threads(THREADS)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
 
 
 def _best_times(contenders, rounds, warmup=1):
@@ -136,7 +156,6 @@ def _bench_variant(variant, rounds):
     from keras_twins.export import export
     from keras_twins.flops import count_macs
 
-    _configure_frameworks()
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (BATCH, SIZE, SIZE, 3)).astype(np.float32)
     torch_images = torch.from_numpy(
@@ -258,21 +277,27 @@ def _onnxruntime(path, image):
 
 
 def _matmul_gflops(n=2048, repeats=10):
-    """float32 matrix-multiply rate in TensorFlow and torch; the better one."""
+    """float32 matrix-multiply rate on all threads, in TensorFlow and torch.
+
+    TensorFlow runs one matmul per thread in one call: with streams each runs
+    on its own thread, without they run in turn on all of them.
+    """
     import numpy as np
     import tensorflow as tf
     import torch
 
-    _configure_frameworks()
     a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
     tf_a, torch_a = tf.constant(a), torch.from_numpy(a)
-    times = _best_times({"tensorflow": lambda: tf.matmul(tf_a, tf_a).numpy(),
-                           "torch": lambda: torch.mm(torch_a, torch_a)}, repeats)
-    return {name: 2 * n ** 3 / seconds / 1e9 for name, seconds in times.items()}
+    tf_matmuls = tf.function(lambda: [tf.matmul(tf_a, tf_a) for _ in range(THREADS)])
+    times = _best_times({"tensorflow": lambda: [m.numpy() for m in tf_matmuls()],
+                         "torch": lambda: [torch.mm(torch_a, torch_a) for _ in range(THREADS)]},
+                        repeats)
+    return {name: THREADS * 2 * n ** 3 / seconds / 1e9 for name, seconds in times.items()}
 
 
-def _memory_in_subprocess(process, variant):
-    result = subprocess.run([sys.executable, __file__, "--memory", process, "--variant", variant],
+def _memory_in_subprocess(process, variant, threading):
+    result = subprocess.run([sys.executable, __file__, "--memory", process, "--variant", variant,
+                             "--threading", threading],
                             capture_output=True, text=True, timeout=1200,
                             env=_default_malloc({**os.environ, "OMP_NUM_THREADS": str(THREADS)}))
     if result.returncode:
@@ -285,7 +310,7 @@ def _default_malloc(environment):
             if name not in KEEP_FREED_MEMORY}
 
 
-def _peak_memory(process, variant):
+def _peak_memory(process, variant, threading):
     """Peak resident MB of this process after inference at batch 16."""
     import numpy as np
 
@@ -304,6 +329,7 @@ def _peak_memory(process, variant):
     else:
         import keras_twins
 
+        _configure_tensorflow(threading)
         model = keras_twins.CONSTRUCTORS[variant](input_shape=(SIZE, SIZE, 3))
         for _ in range(3):
             model.predict(images, batch_size=BATCH, verbose=0)
@@ -313,7 +339,7 @@ def _peak_memory(process, variant):
     return {"peak_mb": peak_kb / 1024}
 
 
-def _write_report(path, results, matmul, rounds):
+def _write_report(path, results, matmul, rounds, threading):
     import keras
     import onnxruntime
     import tensorflow as tf
@@ -333,12 +359,18 @@ def _write_report(path, results, matmul, rounds):
         f"{torch.__version__}, timm {timm.__version__}, onnxruntime "
         f"{onnxruntime.__version__}, Python {platform.python_version()}.",
         "",
+        ("keras_twins runs with `keras_twins.use_cpu_streams(2)`: one thread per op and "
+         "each batch as 2 slices, one per thread (README, Performance)."
+         if threading == "streams" else
+         "keras_twins runs with TensorFlow splitting each op over the threads "
+         "(`--threading per-op`), without `use_cpu_streams`."),
+        "",
         "Timed runs keep freed memory in the process ("
         + ", ".join(f"`{name}={value}`" for name, value in KEEP_FREED_MEMORY.items())
         + "): with glibc's defaults, timm's batches took up to 1.4x longer in a fresh "
         "process than in one whose heap had grown. Memory runs use the defaults.",
         "",
-        "float32 matrix multiply (2048x2048) on this machine: "
+        f"float32 matrix multiply (2048x2048, {THREADS} at a time) on this machine: "
         + ", ".join(f"{name} {rate:.0f} GFLOP/s" for name, rate in matmul.items()) + ".",
         "",
         "| variant | measure | keras_twins | reference | ratio | goal |",
