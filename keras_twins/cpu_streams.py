@@ -4,8 +4,9 @@ By default TensorFlow splits every op across all cores, which costs a
 synchronization per op; Twins runs about 1,500 ops per forward pass, many of
 them small (norms, softmax, the late stages' matmuls). With streams, each core
 runs a slice of the batch from end to end on one thread instead, and the
-slices meet only at the loss or the output. Measured on 2 cores at batch 16:
-`model.predict` 6-10% faster, a `fit` step 15-20% faster (`benchmarks/`).
+slices meet only at the loss or the output. Measured on 2 cores at batch 16
+(SVT-S and PCPVT-S): `model.predict` 6-13% faster, a `fit` step 11-17%
+faster (README, Performance).
 
     import keras_twins
     keras_twins.use_cpu_streams()           # before TensorFlow runs any op
