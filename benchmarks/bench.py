@@ -36,6 +36,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -235,7 +236,7 @@ def _bench_variant(variant, rounds):
         "timm_train_step": timm_steps,
     }, rounds)
 
-    return {
+    measured = {
         "gflop_per_image": flops / 1e9,
         "keras_predict_img_s": BATCH * BATCHES / inference["keras_predict"],
         "timm_eager_img_s": BATCH * BATCHES / inference["timm_eager"],
@@ -249,6 +250,8 @@ def _bench_variant(variant, rounds):
         "tflite_int8_mb": os.path.getsize(int8_file) / 1e6,
         "tflite_int8_mixed_mb": os.path.getsize(mixed_file) / 1e6,
     }
+    shutil.rmtree(folder)  # the exported files, about 250 MB per variant
+    return measured
 
 
 def _litert(path, image):
