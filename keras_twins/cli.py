@@ -90,6 +90,8 @@ def main(argv=None):
                        help="auto, one_device, mirrored, multi_worker or tpu")
     train.add_argument("--tpu", help="TPU name or address (--strategy tpu)")
     train.add_argument("--jit-compile", action="store_true", help="compile steps with XLA")
+    train.add_argument("--cpu-streams", action="store_true",
+                       help="CPU only: run each batch as one slice per core (faster)")
     train.add_argument("--mixed-precision", default="none", help="none, float16 or bfloat16")
     train.add_argument("--backup-dir", help="BackupAndRestore folder (default OUTPUT/backup)")
     train.add_argument("--backup-freq", default="epoch", help="'epoch' or a number of steps")
@@ -111,6 +113,8 @@ def main(argv=None):
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--data-dir", help="tensorflow-datasets data folder")
     evaluate.add_argument("--json", action="store_true", help="print JSON")
+    evaluate.add_argument("--cpu-streams", action="store_true",
+                          help="CPU only: run each batch as one slice per core (faster)")
 
     commands.add_parser("info", help="variants, sizes and cached weights")
 
@@ -251,10 +255,23 @@ def _export(args):
     return "\n".join(lines)
 
 
+def _start_cpu_streams(args):
+    """The number of CPU streams, 0 without --cpu-streams."""
+    if not args.cpu_streams:
+        return 0
+    from keras_twins.cpu_streams import use_cpu_streams
+
+    try:
+        return use_cpu_streams()
+    except (ValueError, RuntimeError) as error:
+        raise CommandError(_one_line(error)) from None
+
+
 def _train(args):
     from keras_twins.pretrained import WeightsDownloadError
     from keras_twins.training import train
 
+    streams = _start_cpu_streams(args)
     model = args.model
     if model.endswith(".json"):
         try:
@@ -293,7 +310,8 @@ def _train(args):
     except (ValueError, WeightsDownloadError) as error:  # TrainingError, DataError
         raise CommandError(_one_line(error)) from None
     history = result.history
-    lines = [f"trained {len(history.get('loss', []))} epoch(s) into {result.output}"]
+    lines = [f"trained {len(history.get('loss', []))} epoch(s) into {result.output}"
+             + (f", each batch as {streams} CPU streams" if streams else "")]
     for key in ("loss", "accuracy", "val_loss", "val_accuracy", "val_top5"):
         if history.get(key):
             lines.append(f"  {key}: {history[key][-1]:.4f}")
@@ -308,6 +326,7 @@ def _train(args):
 def _evaluate(args):
     from keras_twins.training import evaluate
 
+    _start_cpu_streams(args)
     try:
         with _progress_to_terminal():
             results = evaluate(args.data, args.model_file, split=args.split,

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -173,6 +174,8 @@ def test_a_killed_run_resumes_from_its_backup_and_finishes(tmp_path):
 
 
 def test_cli_trains_a_compact_twins_on_the_digits_to_95_percent(tmp_path):
+    # With CPU streams on, as a CPU-only user would train: each batch of 32
+    # runs as one slice per core.
     data = data_lib.write_digits_folder(tmp_path / "digits")
     config = tmp_path / "compact.json"
     config.write_text(json.dumps(COMPACT))
@@ -181,8 +184,10 @@ def test_cli_trains_a_compact_twins_on_the_digits_to_95_percent(tmp_path):
         [sys.executable, "-m", "keras_twins", "train", "--data", data, "--model", str(config),
          "--image-size", "32", "--epochs", "8", "--batch-size", "32", "--augment", "none",
          "--learning-rate", "1e-3", "--warmup-epochs", "1", "--drop-path-rate", "0",
-         "--output", str(output)], capture_output=True, text=True, timeout=900)
+         "--output", str(output), "--cpu-streams"], capture_output=True, text=True,
+        timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"each batch as \d+ CPU streams", result.stdout), result.stdout
     rows = read_rows(output / "history.csv")
     assert len(rows) == 8
     best = max(float(row["val_accuracy"]) for row in rows)
@@ -197,7 +202,8 @@ def test_cli_trains_a_compact_twins_on_the_digits_to_95_percent(tmp_path):
 
     evaluated = subprocess.run(
         [sys.executable, "-m", "keras_twins", "evaluate", "--data", data, "--model-file",
-         str(output / "model.keras"), "--json"], capture_output=True, text=True, timeout=300)
+         str(output / "model.keras"), "--json", "--cpu-streams"], capture_output=True,
+        text=True, timeout=300)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     metrics = json.loads(evaluated.stdout)
     assert metrics["examples"] == 359
