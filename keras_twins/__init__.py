@@ -15,8 +15,8 @@ from keras_twins.segmentation import SemanticFPN
 from keras_twins.imagenet import decode_predictions
 from keras_twins.imagenet import preprocess_input
 from keras_twins.images import load_image
-from keras_twins.variants import VARIANTS
 from keras_twins.cpu_streams import use_cpu_streams
+from keras_twins.variants import VARIANTS
 
 __version__ = "0.1.0"
 
@@ -24,18 +24,18 @@ __all__ = [
     "CONSTRUCTORS",
     "SemanticFPN",
     "Twins",
+    "TwinsModel",
     "TwinsPCPVTBase",
     "TwinsPCPVTLarge",
     "TwinsPCPVTSmall",
     "TwinsSVTBase",
     "TwinsSVTLarge",
-    "TwinsModel",
     "TwinsSVTSmall",
     "VARIANTS",
     "decode_predictions",
     "layers",
     "load_image",
     "preprocess_input",
-    "use_cpu_streams",
     "pyramid_outputs",
+    "use_cpu_streams",
 ]
