@@ -13,6 +13,7 @@ import numpy as np
 
 from keras_twins import cpu_streams
 from keras_twins import variants
+from keras_twins.layers import LayerNorm
 from keras_twins.layers import PatchEmbedding
 from keras_twins.layers import PositionalEncodingGenerator
 from keras_twins.layers import TransformerBlock
@@ -109,9 +110,9 @@ def Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios,
         if pyramid_norm:
             # As the official SVT detection/segmentation backbone: the normed
             # map is both the stage's output and the next stage's input.
-            x = keras.layers.LayerNormalization(
+            x = LayerNorm(
                 epsilon=1e-6, name=f"pyramid_norm_{stage}")(x)
-    x = keras.layers.LayerNormalization(epsilon=1e-6, name="norm")(x)
+    x = LayerNorm(epsilon=1e-6, name="norm")(x)
 
     if include_top:
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)

@@ -89,7 +89,7 @@ def test_tflite_full_integer_int8_runs_and_is_under_a_third(case, calibration_im
     output, _ = run_tflite(int8, images)
     assert output.shape == (1, 1000) and np.isfinite(output).all()
     assert os.path.getsize(int8) <= 0.3 * os.path.getsize(float32_file(case))
-    assert set(tflite_report(str(int8))["float_ops"]) <= {"DEQUANTIZE", "NEG"}
+    assert set(tflite_report(str(int8))["float_ops"]) == {"DEQUANTIZE"}
 
 
 def test_onnx_matches(case):
@@ -147,9 +147,8 @@ def test_quantized_files_run_and_shrink(calibration_images, tmp_path):
     output, _ = run_tflite(int8, images)
     assert output.shape == (1, 10) and np.isfinite(output).all()
     assert os.path.getsize(int8) <= 0.3 * os.path.getsize(float32)
-    # Integer kernels throughout, but for the output's dequantization and
-    # LayerNorm's negation, which have no int8 kernel.
-    assert set(tflite_report(str(int8))["float_ops"]) <= {"DEQUANTIZE", "NEG"}
+    # Integer kernels throughout, but for the output's dequantization.
+    assert set(tflite_report(str(int8))["float_ops"]) == {"DEQUANTIZE"}
     mixed = export(model, tmp_path / "mixed.tflite", quantize="int8-mixed",
                    representative_data=calibration_images)
     output, _ = run_tflite(mixed, images)

@@ -2,6 +2,7 @@ import keras
 from keras import ops
 
 from keras_twins.layers.attention import MultiHeadAttentionCore
+from keras_twins.layers.layer_norm import LayerNorm
 from keras_twins.layers.registration import register
 from keras_twins.layers.tokens import dense_over_tokens
 
@@ -40,7 +41,7 @@ class GlobalSubsampledAttention(MultiHeadAttentionCore):
                 dim, sr_ratio, strides=sr_ratio, padding="valid",
                 dtype=self.dtype_policy, name="subsample",
             )
-            self.subsample_norm = keras.layers.LayerNormalization(
+            self.subsample_norm = LayerNorm(
                 epsilon=layer_norm_epsilon, dtype=self.dtype_policy,
                 name="subsample_norm",
             )

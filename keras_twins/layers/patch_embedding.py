@@ -1,5 +1,6 @@
 import keras
 
+from keras_twins.layers.layer_norm import LayerNorm
 from keras_twins.layers.registration import register
 
 
@@ -28,7 +29,7 @@ class PatchEmbedding(keras.layers.Layer):
             dim, patch_size, strides=patch_size, padding="valid",
             dtype=self.dtype_policy, name="projection",
         )
-        self.norm = keras.layers.LayerNormalization(
+        self.norm = LayerNorm(
             epsilon=layer_norm_epsilon, dtype=self.dtype_policy, name="norm"
         )
 

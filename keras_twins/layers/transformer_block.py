@@ -1,6 +1,7 @@
 import keras
 
 from keras_twins.layers.global_subsampled_attention import GlobalSubsampledAttention
+from keras_twins.layers.layer_norm import LayerNorm
 from keras_twins.layers.locally_grouped_attention import LocallyGroupedSelfAttention
 from keras_twins.layers.mlp import MLP
 from keras_twins.layers.registration import register
@@ -43,7 +44,7 @@ class TransformerBlock(keras.layers.Layer):
         self.layer_norm_epsilon = layer_norm_epsilon
 
         policy = self.dtype_policy
-        self.norm1 = keras.layers.LayerNormalization(
+        self.norm1 = LayerNorm(
             epsilon=layer_norm_epsilon, dtype=policy, name="norm1"
         )
         attention_args = dict(
@@ -58,7 +59,7 @@ class TransformerBlock(keras.layers.Layer):
             self.attention = GlobalSubsampledAttention(
                 sr_ratio=sr_ratio, **attention_args
             )
-        self.norm2 = keras.layers.LayerNormalization(
+        self.norm2 = LayerNorm(
             epsilon=layer_norm_epsilon, dtype=policy, name="norm2"
         )
         self.mlp = MLP(dim, int(dim * mlp_ratio), dropout=dropout, dtype=policy,
