@@ -6,8 +6,10 @@ import tensorflow as tf
 
 import keras
 from keras_twins import layers
+from keras_twins.layers.attention import products_as_fully_connected
 
 LAYERS = [
+    (layers.LayerNorm(epsilon=1e-6), (2, 9, 11, 16)),
     (layers.PatchEmbedding(16, 4), (2, 33, 47, 3)),
     (layers.PositionalEncodingGenerator(), (2, 9, 11, 16)),
     (layers.LocallyGroupedSelfAttention(16, 2, window_size=7), (2, 9, 11, 16)),
@@ -56,6 +58,44 @@ def test_attention_uses_only_reshape_transpose_matmul_softmax(layer):
         "StopGradient", "Cast", "Tensordot", "RealDiv", "Sqrt", "Maximum", "Neg", "Squeeze",
     }
     assert not others, others
+
+
+@pytest.mark.parametrize("layer", [
+    layers.LocallyGroupedSelfAttention(16, 2, window_size=3),
+    layers.GlobalSubsampledAttention(16, 2, sr_ratio=2),
+], ids=lambda v: type(v).__name__)
+def test_attention_products_one_by_one_give_the_same_result(layer):
+    """The form full-integer TFLite export traces: 2-D matmuls, no BatchMatMul."""
+    x = np.random.default_rng(2).standard_normal((2, 9, 11, 16)).astype("float32")
+    expected = layer(x)
+    function = tf.function(lambda t: layer(t))
+    with products_as_fully_connected():
+        unrolled = function.get_concrete_function(tf.TensorSpec(x.shape))
+    types = {op.type for op in unrolled.graph.get_operations()}
+    assert "BatchMatMulV2" not in types and "MatMul" in types
+    np.testing.assert_allclose(unrolled(tf.constant(x)), expected, atol=1e-5)
+    # Off again after the block, and a dynamic batch never unrolls.
+    for spec in (tf.TensorSpec(x.shape), tf.TensorSpec((None, 9, 11, 16))):
+        graph = tf.function(lambda t: layer(t)).get_concrete_function(spec).graph
+        assert "BatchMatMulV2" in {op.type for op in graph.get_operations()}
+
+
+@pytest.mark.parametrize("dtype, axis, tolerance", [
+    ("float32", -1, 1e-5), ("mixed_float16", -1, 1e-2), ("float32", 1, 1e-5)])
+def test_layer_norm_matches_keras_and_has_no_negation(dtype, axis, tolerance):
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((2, 5, 16)) * 3 + 1).astype("float32")
+    ours = layers.LayerNorm(axis=axis, epsilon=1e-6, dtype=dtype)
+    theirs = keras.layers.LayerNormalization(axis=axis, epsilon=1e-6, dtype=dtype)
+    ours.build(x.shape)
+    theirs.build(x.shape)
+    weights = [rng.standard_normal(w.shape) for w in ours.weights]
+    ours.set_weights(weights)
+    theirs.set_weights(weights)
+    assert ours(x).dtype == theirs(x).dtype
+    np.testing.assert_allclose(np.float32(ours(x)), np.float32(theirs(x)), atol=tolerance)
+    graph = tf.function(lambda t: ours(t)).get_concrete_function(tf.TensorSpec(x.shape)).graph
+    assert (axis != -1) == ("Neg" in {op.type for op in graph.get_operations()})
 
 
 def test_locally_grouped_attention_is_local():
