@@ -73,10 +73,7 @@ def main():
     if args.memory:
         print(json.dumps(_peak_memory(args.memory, args.variant, args.threading)))
         return
-    if any(os.environ.get(name) != value for name, value in KEEP_FREED_MEMORY.items()):
-        # malloc reads these once, at start-up.
-        os.execve(sys.executable, [sys.executable, *sys.argv],
-                  {**os.environ, **KEEP_FREED_MEMORY})
+    _restart_keeping_freed_memory()
     _limit_threads()
     # torch and timm before TensorFlow: the other order crashes the process.
     import timm  # noqa: F401
@@ -95,6 +92,14 @@ def main():
         print(json.dumps(results[variant], indent=2), flush=True)
     _write_report(args.output, results, matmul, args.rounds, args.threading)
     print(f"\nwrote {args.output}")
+
+
+def _restart_keeping_freed_memory():
+    """Runs this script again with `KEEP_FREED_MEMORY`, unless it has it already."""
+    if any(os.environ.get(name) != value for name, value in KEEP_FREED_MEMORY.items()):
+        # malloc reads these once, at start-up.
+        os.execve(sys.executable, [sys.executable, *sys.argv],
+                  {**os.environ, **KEEP_FREED_MEMORY})
 
 
 def _limit_threads():
