@@ -272,13 +272,16 @@ def _convert_tflite(converter, quantize, calibration=None, float_ops=FLOAT_IN_MI
 def _calibration(folder, spec):
     from keras_twins.images import load_image
 
-    _, height, width, _ = spec.shape
+    batch, height, width, _ = spec.shape
     files = _image_files(folder)[:200]
 
     def samples():
-        for path in files:
-            image = load_image(path, image_size=max(height, width))[:height, :width]
-            yield [image[None].astype(np.float32)]
+        # Batches of the graph's fixed size (its reshapes allow no other),
+        # the last one filled up from the first files.
+        for start in range(0, len(files), batch):
+            paths = [files[(start + i) % len(files)] for i in range(batch)]
+            yield [np.stack([load_image(path, image_size=max(height, width))[:height, :width]
+                             for path in paths]).astype(np.float32)]
 
     return samples
 

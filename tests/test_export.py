@@ -167,6 +167,17 @@ def test_quantized_files_run_and_shrink(calibration_images, tmp_path):
     assert run_tflite(dynamic, images)[0].shape == (1, 10)
 
 
+def test_int8_with_a_fixed_batch_of_three(calibration_images, tmp_path):
+    """Calibration feeds whole batches: the fixed-shape graph takes no other size."""
+    model = keras_twins.Twins(**TINY, classes=10, input_shape=(None, None, 3))
+    images = np.random.default_rng(5).uniform(0, 255, (3, 64, 96, 3)).astype(np.float32)
+    path = export(model, tmp_path / "int8.tflite", quantize="int8", batch_size=3,
+                  image_size=(64, 96), representative_data=calibration_images)
+    output, _ = run_tflite(path, images)
+    assert output.shape == (3, 10) and np.isfinite(output).all()
+    assert "BATCH_MATMUL" not in tflite_report(str(path))["ops"]
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(format="coreml"), "Received: format='coreml'"),
     (dict(quantize="int4"), "Received: quantize='int4'"),
