@@ -83,6 +83,11 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
     if min(height, width) < 32 or batch_size < 1:
         raise ExportError("the input must be at least 32x32 with a batch of at least 1. "
                           f"Received: image_size={(height, width)}, batch_size={batch_size}")
+    fixed = tuple(model.input_shape[1:3])
+    if None not in fixed and (height, width) != fixed:
+        raise ExportError(f"the model takes {fixed[0]}x{fixed[1]} images; build it with "
+                          "input_shape=(None, None, 3) to export another size. "
+                          f"Received: image_size={image_size!r}")
     spec = tf.TensorSpec((batch_size, height, width, 3), tf.float32, name="images")
     function = tf.function(_forward(model, output), input_signature=[spec], autograph=False)
 
@@ -167,12 +172,10 @@ def _image_files(folder):
 
 
 def _image_size(model, image_size):
-    if image_size is not None:
-        height, width = (image_size, image_size) if np.isscalar(image_size) else image_size
-    else:
-        height, width = model.input_shape[1:3]
-        if height is None or width is None:
-            height = width = 224
+    fixed = tuple(model.input_shape[1:3])
+    if image_size is None:
+        return (224, 224) if None in fixed else fixed
+    height, width = (image_size, image_size) if np.isscalar(image_size) else image_size
     return int(height), int(width)
 
 

@@ -185,6 +185,7 @@ def test_int8_with_a_fixed_batch_of_three(calibration_images, tmp_path):
     (dict(format="onnx", quantize="float16"), "TFLite only"),
     (dict(image_size=(16, 224)), "at least 32x32"),
     (dict(batch_size=0), "batch_size=0"),
+    (dict(image_size=(64, 96)), "takes 224x224 images"),
 ])
 def test_bad_export_arguments_leave_no_file(kwargs, message, tmp_path):
     model = keras_twins.Twins(**TINY, classes=10)
