@@ -1,6 +1,7 @@
 """Loads the `weights` argument of the constructors into a built model."""
 
 import os
+import warnings
 
 
 def load_weights(model, weights, variant, include_top, classes):
@@ -32,9 +33,19 @@ def load_weights(model, weights, variant, include_top, classes):
 
         load_checkpoint_into_model(model, path, include_top=include_top, classes=classes)
         return
-    try:
-        model.load_weights(path)
-    except Exception as error:  # Keras raises several types; say which file.
-        detail = " ".join(str(error).split()) or type(error).__name__
-        raise ValueError(f"Could not load the weights file {path} into {model.name}: "
-                         f"{detail}") from None
+    # Keras warns about the parts it could not match before it raises: a file
+    # that does not fit gets the one-line error alone.
+    with warnings.catch_warnings(record=True) as caught:
+        try:
+            model.load_weights(path)
+        except Exception as error:  # Keras raises several types; say which file.
+            detail = " ".join(str(error).split()) or type(error).__name__
+            failure = ValueError(f"Could not load the weights file {path} into {model.name}: "
+                                 f"{detail}")
+        else:
+            failure = None
+    if failure is not None:
+        raise failure from None
+    for warning in caught:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename,
+                               warning.lineno, module=None)

@@ -1,5 +1,7 @@
 """The builder and the six constructors: sizes, arguments, shapes, saving."""
 
+import warnings
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -94,8 +96,12 @@ def test_weights_file_round_trip_with_and_without_head(tmp_path):
                                  weights=str(tmp_path / "tiny.weights.h5"))
     np.testing.assert_array_equal(headless.get_layer("norm").gamma.numpy(),
                                   model.get_layer("norm").gamma.numpy())
-    with pytest.raises(ValueError, match="tiny.weights.h5"):
-        keras_twins.Twins(**TINY_PCPVT, weights=str(tmp_path / "tiny.weights.h5"))
+    # A file that does not fit gets the one-line error and none of Keras' warnings.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match="tiny.weights.h5"):
+            keras_twins.Twins(**TINY_PCPVT, weights=str(tmp_path / "tiny.weights.h5"))
+    assert [str(warning.message) for warning in caught] == []
 
 
 def test_include_preprocessing_false_takes_normalized_input():
