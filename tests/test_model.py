@@ -35,7 +35,8 @@ def test_variant_table_figures_agree_with_the_models():
 
 
 @pytest.mark.parametrize("config", [TINY, TINY_PCPVT], ids=["svt", "pcpvt"])
-@pytest.mark.parametrize("size", [(32, 32), (33, 47), (97, 131), (224, 224), (200, 264), (600, 800)])
+@pytest.mark.parametrize(
+    "size", [(32, 32), (33, 47), (97, 131), (224, 224), (200, 264), (600, 800)])
 def test_any_input_size(config, size):
     model = keras_twins.Twins(**config, classes=7, input_shape=size + (3,))
     images = np.random.default_rng(0).uniform(0, 255, (2,) + size + (3,)).astype("float32")

@@ -148,7 +148,8 @@ def test_refused_connection_fails_fast_with_a_clear_error(monkeypatch, tmp_path)
         keras_twins.TwinsPCPVTSmall(weights="imagenet")
     assert time.monotonic() - start < 30
     message = str(error.value)
-    assert f"http://127.0.0.1:{port}/timm/twins_pcpvt_small.in1k/resolve/main/model.safetensors" in message
+    url = f"http://127.0.0.1:{port}/timm/twins_pcpvt_small.in1k/resolve/main/model.safetensors"
+    assert url in message
     assert "HF_ENDPOINT" in message and "weights=" in message
     assert cache_entries() == []
 
