@@ -14,6 +14,7 @@ import time
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 from conftest import TINY
@@ -243,6 +244,24 @@ def test_the_weight_decay_spares_biases_norms_and_the_peg():
     assert decayed == expected
     assert any("pos_encoding" in v.path and len(v.shape) > 1
                for v in model.trainable_variables)
+
+
+def test_a_query_before_a_single_key_gets_a_zero_gradient_not_none():
+    # At 32x32 the sub-sampled keys of stages 2 and 4 are one token: the
+    # softmax is constant, so the query's gradient is zero, as in PyTorch,
+    # where AdamW still decays it.
+    model = keras_twins_tiny()
+    images = np.random.default_rng(5).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    with tf.GradientTape() as tape:
+        loss = keras.ops.sum(model(images, training=True) * np.arange(4.0, dtype="float32"))
+    gradients = dict(zip([v.path for v in model.trainable_variables],
+                         tape.gradient(loss, model.trainable_variables)))
+    assert [path for path, gradient in gradients.items() if gradient is None] == []
+    single_key = [path for path in gradients if path.startswith(("stage_1_block_1/attention/query",
+                                                                 "stage_3_block_1/attention/query"))]
+    assert len(single_key) == 4
+    for path in single_key:
+        assert not np.any(gradients[path].numpy()), path
 
 
 def keras_twins_tiny():

@@ -126,7 +126,12 @@ class MultiHeadAttentionCore(keras.layers.Layer):
         if transposed_key.shape[-1] == 1:
             # One key (GSA on a map smaller than its sub-sampling window):
             # the softmax is exactly 1, so skip it and Keras' warning about it.
+            # In training its gradient must be zero, not missing, so that the
+            # query still gets weight decay (as in PyTorch) and Keras does not
+            # warn that the query has no gradient.
             weights = ops.ones_like(scores)
+            if training:
+                weights = weights + 0.0 * scores
         else:
             # float32 even under mixed precision, so large scores cannot
             # overflow; both casts vanish from a float32 graph.
