@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import keras
@@ -147,7 +148,11 @@ def test_a_killed_run_resumes_from_its_backup_and_finishes(tmp_path):
                "--output", str(output)]
     history = output / "history.csv"
     metadata = output / "backup" / "training_metadata.json"
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # The killed process cannot delete its temporary files (TensorFlow's
+    # autograph modules): keep them in tmp_path.
+    (tmp_path / "tmp").mkdir()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
     deadline = time.monotonic() + 300
 
     def backed_up_in_epoch_2():
@@ -213,9 +218,11 @@ def test_cli_trains_a_compact_twins_on_the_digits_to_95_percent(tmp_path):
 
 @pytest.mark.parametrize("precision, jit_compile", [("float16", False), ("bfloat16", True)])
 def test_tfds_source_and_mixed_precision_train_with_finite_losses(precision, jit_compile,
-                                                                  tmp_path):
+                                                                  tmp_path, monkeypatch):
     import tensorflow_datasets as tfds
 
+    # tfds leaves an empty temporary folder for a dataset it has not prepared.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
         result = training.train(
             "tfds:mnist", TINY_LIST, output=tmp_path / "run", image_size=32, epochs=1,
