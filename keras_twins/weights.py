@@ -40,12 +40,8 @@ def load_weights(model, weights, variant, include_top, classes):
             model.load_weights(path)
         except Exception as error:  # Keras raises several types; say which file.
             detail = " ".join(str(error).split()) or type(error).__name__
-            failure = ValueError(f"Could not load the weights file {path} into {model.name}: "
-                                 f"{detail}")
-        else:
-            failure = None
-    if failure is not None:
-        raise failure from None
+            raise ValueError(f"Could not load the weights file {path} into {model.name}: "
+                             f"{detail}") from None
     for warning in caught:
         warnings.warn_explicit(warning.message, warning.category, warning.filename,
                                warning.lineno, module=None)
