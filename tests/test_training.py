@@ -253,6 +253,34 @@ def test_the_weight_decay_spares_biases_norms_and_the_peg():
                for v in model.trainable_variables)
 
 
+def test_adamw_updates_as_keras_adamw_does_one_kernel_per_variable():
+    rng = np.random.default_rng(7)
+    shapes = [(5, 3), (3,), (2, 2, 4)]
+    start = [rng.normal(size=shape).astype("float32") for shape in shapes]
+    gradients = [[rng.normal(size=shape).astype("float32") * 10 ** i for shape in shapes]
+                 for i in range(-2, 2)]  # the last two steps are clipped
+    settings = dict(learning_rate=0.01, weight_decay=0.1, beta_1=0.8, beta_2=0.95, epsilon=1e-3)
+    results, ops = [], []
+    for optimizer in (training.AdamW(clip_global_norm=5.0, **settings),
+                      keras.optimizers.AdamW(global_clipnorm=5.0, **settings)):
+        variables = [keras.Variable(value) for value in start]
+        optimizer.exclude_from_weight_decay(var_list=variables[1:2])
+        optimizer.build(variables)
+        step = tf.function(lambda grads: optimizer.apply(grads, variables))
+        for step_gradients in gradients:
+            step(step_gradients)
+        results.append([np.array(v) for v in variables])
+        graph = step.get_concrete_function(gradients[0]).graph.as_graph_def()
+        # Keras puts the update in a cond's branch, a function of the graph's library.
+        ops.append([node.op for function in graph.library.function
+                    for node in function.node_def] + [node.op for node in graph.node])
+    for ours, keras_own, before in zip(*results, start):
+        assert np.abs(ours - before).max() > 1e-3
+        np.testing.assert_allclose(ours, keras_own, rtol=0, atol=1e-6)
+    assert ops[0].count("ResourceApplyAdam") == len(shapes)
+    assert ops[0].count("Mul") < ops[1].count("Mul") - 2 * len(shapes)
+
+
 def test_a_query_before_a_single_key_gets_a_zero_gradient_not_none():
     # At 32x32 the sub-sampled keys of stages 2 and 4 are one token: the
     # softmax is constant, so the query's gradient is zero, as in PyTorch,
