@@ -314,7 +314,19 @@ def _finish(dataset, deterministic):
     # works for in-memory and generated sources as well as files.
     options.experimental_distribute.auto_shard_policy = (
         tf.data.experimental.AutoShardPolicy.DATA)
+    # No autotuning thread: it sleeps up to 10 s between rounds, and deleting
+    # an iterator (at the end of each epoch, evaluation or predict) waits for
+    # it to wake. The parallel maps run on every core this process may use,
+    # as far as the autotuner would take them on a CPU-bound pipeline.
+    options.autotune.enabled = False
+    options.autotune.initial_parallelism = _usable_cores()
     return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def _usable_cores():
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def center_crop(image, image_size, crop_pct=variants.CROP_PCT):
