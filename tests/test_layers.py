@@ -121,3 +121,22 @@ def test_stochastic_depth_drops_whole_samples_only_in_training():
     assert 0.35 < (per_sample[:, 0] == 0).mean() < 0.65
     with pytest.raises(ValueError, match="Received: rate=1.0"):
         layers.StochasticDepth(1.0)
+
+
+def test_mlp_trains_through_one_fused_gelu_with_the_same_values_and_gradients():
+    mlp = layers.MLP(24, 96)
+    rng = np.random.default_rng(3)
+    x = tf.constant(rng.normal(size=(2, 7, 24)).astype("float32"))
+    upstream = tf.constant(rng.normal(size=(2, 7, 24)).astype("float32"))
+
+    def outputs_and_gradients(training):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = mlp(x, training=training)
+        return [y, *tape.gradient(y, [x, *mlp.trainable_variables], output_gradients=upstream)]
+
+    for fused, keras_gelu in zip(outputs_and_gradients(True), outputs_and_gradients(False)):
+        np.testing.assert_allclose(fused, keras_gelu, rtol=1e-5, atol=1e-5)
+    graph = tf.function(lambda: outputs_and_gradients(True)).get_concrete_function().graph
+    library = graph.as_graph_def().library.function
+    assert sum(f.attr["_XlaMustCompile"].b for f in library) == 2  # value and gradient

@@ -1,3 +1,6 @@
+import functools
+import math
+
 import keras
 from keras import ops
 
@@ -38,7 +41,11 @@ class MLP(keras.layers.Layer):
         # directly for TensorFlow to fuse the two (see tokens.py).
         shape = ops.shape(inputs)
         x = ops.reshape(inputs, (-1, self.dim))
-        x = keras.activations.gelu(dense_2d(self.fc1, x), approximate=False)
+        x = dense_2d(self.fc1, x)
+        if training and keras.backend.backend() == "tensorflow":
+            x = _training_gelu()(x)
+        else:
+            x = keras.activations.gelu(x, approximate=False)
         x = self.dropout_layer(x, training=training)
         x = self.dropout_layer(dense_2d(self.fc2, x), training=training)
         return ops.reshape(x, (-1, *shape[1:-1], self.dim))
@@ -53,3 +60,33 @@ class MLP(keras.layers.Layer):
             "hidden_dim": self.hidden_dim,
             "dropout": self.dropout,
         }
+
+
+@functools.cache
+def _training_gelu():
+    """The exact GELU for training on TensorFlow, its value and gradient one XLA loop each.
+
+    Written as TensorFlow ops, the GELU and its automatic gradient are about a
+    dozen passes over the MLP's widest tensor: one SVT-S `fit` step spent
+    about 12% of its op time there. Fused by XLA the pair runs 2.6x faster
+    (stage 1 of SVT-S, 8 images: 60 -> 23 ms on one core), the same to float
+    rounding. Inference keeps Keras' GELU, which oneDNN fuses into fc1.
+    """
+    import tensorflow as tf
+
+    sqrt_half, inverse_sqrt_2pi = math.sqrt(0.5), 1 / math.sqrt(2 * math.pi)
+
+    @tf.function(jit_compile=True)
+    def value(x):
+        return 0.5 * x * (1 + tf.math.erf(x * sqrt_half))
+
+    @tf.function(jit_compile=True)
+    def gradient(x, upstream):
+        cdf = 0.5 * (1 + tf.math.erf(x * sqrt_half))
+        return upstream * (cdf + x * tf.exp(-0.5 * x * x) * inverse_sqrt_2pi)
+
+    @tf.custom_gradient
+    def gelu(x):
+        return value(x), lambda upstream: gradient(x, upstream)
+
+    return gelu
