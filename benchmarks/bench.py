@@ -222,7 +222,12 @@ def _bench_variant(variant, rounds):
     labels = keras.utils.to_categorical(rng.integers(0, 1000, BATCH), 1000)
     import tensorflow as tf
 
-    batches = tf.data.Dataset.from_tensors((images, labels)).repeat(BATCHES).prefetch(1)
+    # Without tf.data's autotuning thread, as keras_twins' own pipelines: it
+    # can hold up the end of a `fit` call by seconds (keras_twins/data.py).
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    batches = tf.data.Dataset.from_tensors((images, labels)).repeat(BATCHES)
+    batches = batches.with_options(options).prefetch(1)
     trainee.fit(batches, epochs=1, verbose=0)  # traces the step
     timm_trainee = timm.create_model(variant, pretrained=False, drop_path_rate=0.2).train()
     optimizer = torch.optim.AdamW(timm_trainee.parameters(), lr=1e-4, weight_decay=0.05)
