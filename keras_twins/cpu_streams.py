@@ -45,8 +45,7 @@ def use_cpu_streams(streams=None):
         raise ValueError("CPU streams need the TensorFlow backend; Keras runs on "
                          f"{keras.backend.backend()!r}")
     if streams is None:
-        streams = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
-            else os.cpu_count()
+        streams = usable_cores()
     if not isinstance(streams, int) or isinstance(streams, bool) or streams < 1:
         raise ValueError(f"`streams` must be a positive integer. Received: streams={streams!r}")
     import tensorflow as tf
@@ -64,6 +63,13 @@ def use_cpu_streams(streams=None):
                            "TensorFlow fixes its thread pools then") from None
     _streams = streams
     return streams
+
+
+def usable_cores():
+    """The number of cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def active_streams():

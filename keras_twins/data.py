@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_twins import variants
+from keras_twins import cpu_streams, variants
 
 TFDS_PREFIX = "tfds:"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -319,14 +319,8 @@ def _finish(dataset, deterministic):
     # it to wake. The parallel maps run on every core this process may use,
     # as far as the autotuner would take them on a CPU-bound pipeline.
     options.autotune.enabled = False
-    options.autotune.initial_parallelism = _usable_cores()
+    options.autotune.initial_parallelism = cpu_streams.usable_cores()
     return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
-
-
-def _usable_cores():
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def center_crop(image, image_size, crop_pct=variants.CROP_PCT):
