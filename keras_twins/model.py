@@ -17,6 +17,7 @@ from keras_twins.layers import LayerNorm
 from keras_twins.layers import PatchEmbedding
 from keras_twins.layers import PositionalEncodingGenerator
 from keras_twins.layers import TransformerBlock
+from keras_twins.layers.layer_norm import onednn_inference_kernels
 from keras_twins.weights import load_weights
 
 _WEIGHTS_ERROR = (
@@ -149,7 +150,9 @@ class TwinsModel(keras.Model):
     """The functional Twins network; its Keras loops run batches as CPU streams.
 
     A plain functional model, except that `fit`, `evaluate` and `predict`
-    run each batch as slices when `keras_twins.use_cpu_streams()` is on.
+    run each batch as slices when `keras_twins.use_cpu_streams()` is on, and
+    that `evaluate` and `predict` run the LayerNorms as oneDNN's fused kernel
+    on a CPU-only TensorFlow (`layers.layer_norm.onednn_inference_kernels`).
     """
 
     _in_keras_loop = False
@@ -159,11 +162,11 @@ class TwinsModel(keras.Model):
             return super().train_step(*args, **kwargs)
 
     def test_step(self, *args, **kwargs):
-        with self._keras_loop():
+        with self._keras_loop(), onednn_inference_kernels():
             return super().test_step(*args, **kwargs)
 
     def predict_step(self, *args, **kwargs):
-        with self._keras_loop():
+        with self._keras_loop(), onednn_inference_kernels():
             return super().predict_step(*args, **kwargs)
 
     def call(self, inputs, training=None, mask=None):

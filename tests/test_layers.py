@@ -7,6 +7,7 @@ import tensorflow as tf
 import keras
 from keras_twins import layers
 from keras_twins.layers.attention import products_as_fully_connected
+from keras_twins.layers.layer_norm import onednn_inference_kernels
 
 LAYERS = [
     (layers.LayerNorm(epsilon=1e-6), (2, 9, 11, 16)),
@@ -96,6 +97,27 @@ def test_layer_norm_matches_keras_and_has_no_negation(dtype, axis, tolerance):
     np.testing.assert_allclose(np.float32(ours(x)), np.float32(theirs(x)), atol=tolerance)
     graph = tf.function(lambda t: ours(t)).get_concrete_function(tf.TensorSpec(x.shape)).graph
     assert (axis != -1) == ("Neg" in {op.type for op in graph.get_operations()})
+
+
+@pytest.mark.parametrize("shape, dtype", [((2, 9, 11, 16), "float32"), ((5, 48), "float32"),
+                                          ((3, 7, 16), "mixed_float16")])
+def test_layer_norm_as_the_onednn_kernel_gives_the_same_values(shape, dtype):
+    rng = np.random.default_rng(5)
+    norm = layers.LayerNorm(epsilon=1e-6, dtype=dtype)
+    norm.build(shape)
+    norm.set_weights([rng.standard_normal(w.shape) for w in norm.weights])
+    x = tf.constant((rng.standard_normal(shape) * 3 + 1).astype("float32"))
+    plain = tf.function(lambda t: norm(t))(x)
+    with onednn_inference_kernels():
+        eager = norm(x)  # eager calls keep the plain ops
+        kernel = tf.function(lambda t: norm(t))
+        graph = kernel.get_concrete_function(tf.TensorSpec(shape)).graph
+        fused = kernel(x)
+    assert [op.type for op in graph.get_operations()].count("_MklLayerNorm") == 1
+    assert fused.shape == plain.shape and fused.dtype == plain.dtype
+    tolerance = 1e-2 if dtype == "mixed_float16" else 1e-5
+    np.testing.assert_allclose(np.float32(fused), np.float32(plain), atol=tolerance)
+    np.testing.assert_allclose(np.float32(eager), np.float32(plain), atol=tolerance)
 
 
 def test_locally_grouped_attention_is_local():

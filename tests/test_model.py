@@ -86,6 +86,29 @@ def test_keras_file_round_trip_gives_identical_outputs(config, tmp_path):
         "stage_1_block_1").drop_path_rate
 
 
+def test_predict_and_evaluate_run_each_layer_norm_as_one_onednn_kernel():
+    model = keras_twins.Twins(**TINY, classes=10)
+    model.compile(loss="categorical_crossentropy", metrics=["accuracy"])
+    norms = sum(isinstance(layer, keras_twins.layers.LayerNorm)
+                for layer in model._flatten_layers())
+    rng = np.random.default_rng(6)
+    images = tf.constant(rng.uniform(0, 255, (3, 224, 224, 3)).astype("float32"))
+    labels = tf.one_hot([1, 2, 3], 10)
+
+    def kernels(step, *args):
+        graph = tf.function(step).get_concrete_function(*args).graph
+        return [op.type for op in graph.get_operations()].count("_MklLayerNorm")
+
+    assert kernels(model.predict_step, images) == norms
+    assert kernels(model.test_step, (images, labels)) == norms
+    assert kernels(lambda x: model(x, training=False), images) == 0  # export traces this
+    np.testing.assert_allclose(model.predict(images, verbose=0), model(images, training=False),
+                               rtol=1e-5, atol=1e-7)
+    loss = keras.losses.categorical_crossentropy(labels, model(images, training=False))
+    np.testing.assert_allclose(model.evaluate(images, labels, verbose=0)[0],
+                               float(tf.reduce_mean(loss)), rtol=1e-5)
+
+
 def test_weights_file_round_trip_with_and_without_head(tmp_path):
     model = keras_twins.Twins(**TINY, classes=5)
     model.save_weights(tmp_path / "tiny.weights.h5")
