@@ -1,6 +1,6 @@
 """keras_twins against the PyTorch reference, side by side on this machine.
 
-    python benchmarks/bench.py [--variants twins_svt_small twins_pcpvt_small]
+    python benchmarks/bench.py [--variants twins_svt_small twins_pcpvt_small twins_svt_base]
                                [--rounds 5] [--output BENCHMARKS.md]
                                [--threading streams|per-op]
 
@@ -61,7 +61,8 @@ KEEP_FREED_MEMORY = {
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=["twins_svt_small", "twins_pcpvt_small"])
+    parser.add_argument("--variants", nargs="+", default=["twins_svt_small", "twins_pcpvt_small",
+                                                              "twins_svt_base"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--output", default="BENCHMARKS.md")
     parser.add_argument("--threading", choices=["streams", "per-op"], default="streams",

@@ -2,8 +2,8 @@
 
     python benchmarks/profile_ops.py [--variant twins_svt_small] [--mode predict|fit]
 
-Runs one batch of 16 at 224x224 on 2 threads (predict: the model called in
-a tf.function; fit: one `model.fit` step with AdamW, clipping and drop
+Runs one batch of 16 at 224x224 on 2 threads (predict: the model's
+`predict_step`, as `model.predict` traces it; fit: one `model.fit` step with AdamW, clipping and drop
 path) under TensorFlow's profiler, and prints each op type's total time and
 share. It is the profile behind the bounds in README's Performance section.
 """
@@ -38,7 +38,7 @@ def main():
     images = np.random.default_rng(0).uniform(0, 255, (16, 224, 224, 3)).astype(np.float32)
     if args.mode == "predict":
         model = keras_twins.CONSTRUCTORS[args.variant](input_shape=(224, 224, 3))
-        forward = tf.function(lambda x: model(x, training=False))
+        forward = tf.function(model.predict_step)
         tensor = tf.constant(images)
 
         def run():
