@@ -152,7 +152,8 @@ class TwinsModel(keras.Model):
     A plain functional model, except that `fit`, `evaluate` and `predict`
     run each batch as slices when `keras_twins.use_cpu_streams()` is on, and
     that `evaluate` and `predict` run the LayerNorms as oneDNN's fused kernel
-    on a CPU-only TensorFlow (`layers.layer_norm.onednn_inference_kernels`).
+    on a CPU-only TensorFlow unless compiled with XLA
+    (`layers.layer_norm.onednn_inference_kernels`).
     """
 
     _in_keras_loop = False
@@ -162,11 +163,11 @@ class TwinsModel(keras.Model):
             return super().train_step(*args, **kwargs)
 
     def test_step(self, *args, **kwargs):
-        with self._keras_loop(), onednn_inference_kernels():
+        with self._keras_loop(), self._inference_kernels():
             return super().test_step(*args, **kwargs)
 
     def predict_step(self, *args, **kwargs):
-        with self._keras_loop(), onednn_inference_kernels():
+        with self._keras_loop(), self._inference_kernels():
             return super().predict_step(*args, **kwargs)
 
     def call(self, inputs, training=None, mask=None):
@@ -176,6 +177,10 @@ class TwinsModel(keras.Model):
         if self._in_keras_loop and cpu_streams.active_streams() > 1:
             return cpu_streams.call_in_streams(whole, inputs)
         return whole(inputs)
+
+    def _inference_kernels(self):
+        # XLA cannot compile TensorFlow's oneDNN kernels into a jit_compile step.
+        return contextlib.nullcontext() if self.jit_compile else onednn_inference_kernels()
 
     @contextlib.contextmanager
     def _keras_loop(self):

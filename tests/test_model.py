@@ -107,6 +107,9 @@ def test_predict_and_evaluate_run_each_layer_norm_as_one_onednn_kernel():
     loss = keras.losses.categorical_crossentropy(labels, model(images, training=False))
     np.testing.assert_allclose(model.evaluate(images, labels, verbose=0)[0],
                                float(tf.reduce_mean(loss)), rtol=1e-5)
+    model.compile(loss="categorical_crossentropy", jit_compile=True)  # XLA has no such kernel
+    assert kernels(model.predict_step, images) == 0
+    assert kernels(model.test_step, (images, labels)) == 0
 
 
 def test_weights_file_round_trip_with_and_without_head(tmp_path):
