@@ -3,9 +3,10 @@
     python benchmarks/profile_ops.py [--variant twins_svt_small] [--mode predict|fit]
 
 Runs one batch of 16 at 224x224 on 2 threads (predict: the model's
-`predict_step`, as `model.predict` traces it; fit: one `model.fit` step with AdamW, clipping and drop
-path) under TensorFlow's profiler, and prints each op type's total time and
-share. It is the profile behind the bounds in README's Performance section.
+`predict_step`, as `model.predict` traces it; fit: one `model.fit` step
+with AdamW, clipping and drop path) under TensorFlow's profiler, and prints
+each op type's total time and share. It is the profile behind the bounds
+in README's Performance section.
 """
 
 import argparse
