@@ -39,9 +39,16 @@ def load_weights(model, weights, variant, include_top, classes):
         try:
             model.load_weights(path)
         except Exception as error:  # Keras raises several types; say which file.
-            detail = " ".join(str(error).split()) or type(error).__name__
+            detail = _first_part(error)
             raise ValueError(f"Could not load the weights file {path} into {model.name}: "
                              f"{detail}") from None
     for warning in caught:
         warnings.warn_explicit(warning.message, warning.category, warning.filename,
                                warning.lineno, module=None)
+
+
+def _first_part(error, limit=300):
+    """Keras' load error on one line, without its list of every layer that did not fit."""
+    detail = " ".join(str(error).split()) or type(error).__name__
+    detail = detail.split(" List of objects that could not be loaded:")[0]
+    return detail if len(detail) <= limit else detail[:limit].rsplit(" ", 1)[0] + " ..."

@@ -7,6 +7,26 @@ import warnings
 
 
 @contextlib.contextmanager
+def native_stderr_silenced():
+    """File descriptor 2 goes to the null device meanwhile.
+
+    Yields a duplicate of the real descriptor 2. `sys.stderr` is left as it
+    is, so it writes to the null device too until the context ends.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield saved
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+@contextlib.contextmanager
 def quiet_library_chatter():
     """Silences library warnings and native stderr output; `sys.stderr` still works.
 
@@ -17,19 +37,13 @@ def quiet_library_chatter():
     warnings are ignored meanwhile, while `sys.stderr` writes to the real
     stderr through a duplicate, so a progress bar still shows.
     """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    python_stderr = sys.stderr
-    sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        sys.stderr.close()
-        sys.stderr = python_stderr
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+    with native_stderr_silenced() as real_stderr:
+        python_stderr = sys.stderr
+        sys.stderr = os.fdopen(os.dup(real_stderr), "w", buffering=1)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                yield
+        finally:
+            sys.stderr.close()
+            sys.stderr = python_stderr
