@@ -67,7 +67,7 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
     Returns:
         The path written.
     """
-    path = os.fspath(path)
+    path = os.path.normpath(os.fspath(path))
     _check_choice("format", format, FORMATS)
     _check_choice("quantize", quantize, QUANTIZATIONS)
     _check_choice("output", output, OUTPUTS)
@@ -79,6 +79,7 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
         raise ExportError(f"{path}: the output directory does not exist or is not writable")
+    _check_replaceable(path, format)
     height, width = _image_size(model, image_size)
     if min(height, width) < 32 or batch_size < 1:
         raise ExportError("the input must be at least 32x32 with a batch of at least 1. "
@@ -193,17 +194,48 @@ def _forward(model, output):
     return logits
 
 
+def _check_replaceable(path, format):
+    """Refuses an output path whose replacement would lose something else.
+
+    A file is overwritten, as Keras' `save` does. A directory is replaced only
+    by a SavedModel, and only if it is an empty folder or a SavedModel itself:
+    `--output` naming a folder by mistake must not delete that folder.
+    """
+    if not os.path.isdir(path):
+        if format == "saved_model" and os.path.lexists(path):
+            raise ExportError(f"{path}: is a file; a SavedModel is a folder")
+        return
+    if format != "saved_model":
+        raise ExportError(f"{path}: is a folder; a {format} export is one file "
+                          f"(for example {os.path.join(path, 'model.' + format)})")
+    if os.path.islink(path) or not (
+            not os.listdir(path) or os.path.isfile(os.path.join(path, "saved_model.pb"))):
+        raise ExportError(f"{path}: exists and is not a SavedModel folder; "
+                          "choose a new or empty folder")
+
+
 @contextlib.contextmanager
 def _staged(path):
-    """Yields a temporary path beside `path`, moved onto `path` if the block succeeds."""
+    """Yields a temporary path beside `path`, moved onto `path` if the block succeeds.
+
+    A folder at `path` (a SavedModel being replaced) is moved aside first and
+    deleted only once the new one is in place.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     staging = tempfile.mkdtemp(prefix=".partial-", dir=directory)
     target = os.path.join(staging, os.path.basename(path) or "export")
     try:
         yield target
+        previous = None
         if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        os.replace(target, path)
+            previous = os.path.join(staging, "previous")
+            os.replace(path, previous)
+        try:
+            os.replace(target, path)
+        except BaseException:
+            if previous:
+                os.replace(previous, path)
+            raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -196,6 +196,36 @@ def test_bad_export_arguments_leave_no_file(kwargs, message, tmp_path):
         export(model, tmp_path / "missing" / "model.tflite")
 
 
+def test_an_output_path_that_names_other_things_loses_nothing(tmp_path):
+    """A folder is replaced only by a SavedModel, and only an empty one or a SavedModel."""
+    import tensorflow as tf
+
+    model = keras_twins.Twins(**TINY, classes=10)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "cat.jpg").write_bytes(b"keep me")
+    for format in ("tflite", "onnx"):
+        with pytest.raises(ExportError, match="is a folder"):
+            export(model, folder, format=format)
+    with pytest.raises(ExportError, match="not a SavedModel folder"):
+        export(model, folder, format="saved_model")
+    keep = tmp_path / "notes.txt"
+    keep.write_text("keep me")
+    with pytest.raises(ExportError, match="is a file"):
+        export(model, keep, format="saved_model")
+    assert (folder / "cat.jpg").read_bytes() == b"keep me" and keep.read_text() == "keep me"
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt", "photos"]
+
+    # A SavedModel is replaced by the new one, with nothing left beside it.
+    saved = tmp_path / "saved"
+    export(model, saved, format="saved_model")
+    (saved / "stale.txt").write_text("from the first export")
+    export(model, str(saved) + os.sep, format="saved_model")
+    assert not (saved / "stale.txt").exists()
+    assert "serving_default" in tf.saved_model.load(str(saved)).signatures
+    assert sorted(os.listdir(tmp_path)) == ["labels.txt", "notes.txt", "photos", "saved"]
+
+
 def test_cli_export_writes_a_file_and_reports(tmp_path):
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps({**TINY, "classes": 10}))
