@@ -5,6 +5,7 @@ Vision Transformers", NeurIPS 2021 (https://arxiv.org/abs/2104.13840).
 """
 
 import contextlib
+import numbers
 import os
 import re
 
@@ -56,17 +57,11 @@ def Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios,
     Returns:
         A `keras.Model` with a `pyramid_outputs` attribute.
     """
+    _validate_architecture(
+        dict(embed_dims=embed_dims, depths=depths, num_heads=num_heads, mlp_ratios=mlp_ratios,
+             sr_ratios=sr_ratios, window_sizes=window_sizes),
+        patch_size, drop_path_rate, include_top, classes)
     num_stages = len(embed_dims)
-    per_stage = dict(depths=depths, num_heads=num_heads, mlp_ratios=mlp_ratios,
-                     sr_ratios=sr_ratios)
-    if window_sizes is not None:
-        per_stage["window_sizes"] = window_sizes
-    for arg, values in per_stage.items():
-        if len(values) != num_stages:
-            raise ValueError(
-                f"`{arg}` must give one value per stage ({num_stages}, as "
-                f"`embed_dims`). Received: {arg}={values}"
-            )
     variant = variants.find_variant(
         embed_dims=embed_dims, depths=depths, num_heads=num_heads,
         mlp_ratios=mlp_ratios, sr_ratios=sr_ratios, window_sizes=window_sizes,
@@ -211,6 +206,48 @@ def pyramid_outputs(model):
         raise ValueError(f"`{model.name}` has no Twins stages (layers named "
                          "stage_S_block_B); it is not a Twins model")
     return found
+
+
+def _validate_architecture(per_stage, patch_size, drop_path_rate, include_top, classes):
+    """keras.applications-style errors for sizes that would fail deep inside a layer."""
+    def whole(value, least):
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool) and (
+            value >= least)
+
+    num_stages = None
+    for arg, values in per_stage.items():
+        if values is None and arg == "window_sizes":
+            continue
+        if not isinstance(values, (list, tuple)) or not values:
+            raise ValueError(f"`{arg}` must be a list with one value per stage. "
+                             f"Received: {arg}={values!r}")
+        num_stages = len(values) if num_stages is None else num_stages
+        if len(values) != num_stages:
+            raise ValueError(f"`{arg}` must give one value per stage ({num_stages}, as "
+                             f"`embed_dims`). Received: {arg}={values!r}")
+        if arg == "mlp_ratios":
+            fits = all(isinstance(r, numbers.Real) and not isinstance(r, bool)
+                       and int(d * r) >= 1 for d, r in zip(per_stage["embed_dims"], values))
+            kind = "positive numbers (at least one hidden channel)"
+        else:
+            fits = all(whole(v, 0 if arg == "depths" else 1) for v in values)
+            kind = "whole numbers of at least " + ("0" if arg == "depths" else "1")
+        if not fits:
+            raise ValueError(f"`{arg}` must be {kind}. Received: {arg}={values!r}")
+    for dim, heads in zip(per_stage["embed_dims"], per_stage["num_heads"]):
+        if dim % heads:
+            raise ValueError("Each of `embed_dims` must be a multiple of its `num_heads`. "
+                             f"Received: embed_dims={per_stage['embed_dims']!r}, "
+                             f"num_heads={per_stage['num_heads']!r}")
+    if not whole(patch_size, 1):
+        raise ValueError(f"`patch_size` must be a whole number of at least 1. "
+                         f"Received: patch_size={patch_size!r}")
+    if not (isinstance(drop_path_rate, numbers.Real) and 0 <= drop_path_rate < 1):
+        raise ValueError(f"`drop_path_rate` must be in [0, 1). "
+                         f"Received: drop_path_rate={drop_path_rate!r}")
+    if include_top and not whole(classes, 1):
+        raise ValueError(f"`classes` must be a whole number of at least 1. "
+                         f"Received: classes={classes!r}")
 
 
 def _validate_arguments(weights, variant, include_top, classes, pooling):

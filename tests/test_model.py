@@ -171,8 +171,23 @@ def test_imagenet_weights_only_for_the_six_variants():
         keras_twins.Twins(**TINY, weights="imagenet")
 
 
-def test_config_lengths_are_checked():
-    with pytest.raises(ValueError, match=r"Received: depths=\(1, 2\)"):
-        keras_twins.Twins(**{**TINY, "depths": (1, 2)})
-    with pytest.raises(ValueError, match="multiple of `num_heads`"):
-        keras_twins.Twins(**{**TINY, "num_heads": (3, 2, 3, 4)})
+@pytest.mark.parametrize("change, message", [
+    (dict(depths=(1, 2)), "Received: depths=(1, 2)"),
+    (dict(num_heads=(3, 2, 3, 4)), "multiple of its `num_heads`"),
+    # Each of these failed deep inside a layer (IndexError, ZeroDivisionError,
+    # TypeError) or built a model with no meaning.
+    (dict(embed_dims=16), "Received: embed_dims=16"),
+    (dict(embed_dims="wide"), "Received: embed_dims='wide'"),
+    (dict(depths=(1, -1, 1, 2)), "Received: depths=(1, -1, 1, 2)"),
+    (dict(depths=(1, 1.5, 1, 2)), "Received: depths=(1, 1.5, 1, 2)"),
+    (dict(num_heads=(0, 2, 3, 4)), "Received: num_heads=(0, 2, 3, 4)"),
+    (dict(mlp_ratios=(0, 2, 2, 2)), "Received: mlp_ratios=(0, 2, 2, 2)"),
+    (dict(sr_ratios=(0, 4, 2, 1)), "Received: sr_ratios=(0, 4, 2, 1)"),
+    (dict(window_sizes=(0, 7, 7, 7)), "Received: window_sizes=(0, 7, 7, 7)"),
+    (dict(classes=0), "Received: classes=0"),
+    (dict(drop_path_rate=1.5), "Received: drop_path_rate=1.5"),
+])
+def test_config_errors_name_the_argument_and_value(change, message):
+    with pytest.raises(ValueError) as error:
+        keras_twins.Twins(**{**TINY, **change})
+    assert message in str(error.value)
