@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import sys
+import warnings
 
 import numpy as np
 
@@ -223,6 +224,7 @@ def _model(model, weights):
 
 
 def _export(args):
+    from keras_twins.export import SkippedImagesWarning
     from keras_twins.export import export
     from keras_twins.export import tflite_report
     from keras_twins.pretrained import WeightsDownloadError
@@ -232,7 +234,8 @@ def _export(args):
                            f"Received: {' '.join(map(str, args.image_size))}")
     height, width = (args.image_size * 2)[:2]
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", SkippedImagesWarning)
             model = _model(args.model, args.weights)
             path = export(model, args.output, format=args.format, quantize=args.quantize,
                           representative_data=args.representative_data,
@@ -242,6 +245,7 @@ def _export(args):
         raise CommandError(_one_line(error)) from None
     lines = [f"wrote {path} ({args.format}, input {args.batch_size}x{height}x{width}x3 "
              "float32 RGB in [0, 255]) and labels.txt beside it"]
+    lines += [str(w.message) for w in caught if issubclass(w.category, SkippedImagesWarning)]
     if args.format == "tflite":
         report = tflite_report(path)
         lines += [

@@ -8,6 +8,7 @@ or logits. `labels.txt` is written beside the exported model.
 
 import contextlib
 import json
+import numbers
 import os
 import shutil
 import tempfile
@@ -39,6 +40,10 @@ INPUT_CONTRACT = {
 
 class ExportError(ValueError):
     """An export that cannot be done; the message is one line for people."""
+
+
+class SkippedImagesWarning(UserWarning):
+    """Unreadable files in the representative-data folder, left out of calibration."""
 
 
 def export(model, path, format="tflite", quantize="none", representative_data=None,
@@ -81,6 +86,9 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
         raise ExportError(f"{path}: the output directory does not exist or is not writable")
     _check_replaceable(path, format)
     height, width = _image_size(model, image_size)
+    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool):
+        raise ExportError("`batch_size` must be a whole number. "
+                          f"Received: batch_size={batch_size!r}")
     if min(height, width) < 32 or batch_size < 1:
         raise ExportError("the input must be at least 32x32 with a batch of at least 1. "
                           f"Received: image_size={(height, width)}, batch_size={batch_size}")
@@ -176,8 +184,15 @@ def _image_size(model, image_size):
     fixed = tuple(model.input_shape[1:3])
     if image_size is None:
         return (224, 224) if None in fixed else fixed
-    height, width = (image_size, image_size) if np.isscalar(image_size) else image_size
-    return int(height), int(width)
+    size = [image_size] if np.isscalar(image_size) else list(image_size)
+    try:
+        if len(size) not in (1, 2) or any(isinstance(s, bool) for s in size):
+            raise ValueError
+        height, width = [int(s) for s in size * 2][:2]
+    except (TypeError, ValueError):
+        raise ExportError("`image_size` takes H or (H, W) in pixels. "
+                          f"Received: image_size={image_size!r}") from None
+    return height, width
 
 
 def _forward(model, output):
@@ -304,11 +319,30 @@ def _convert_tflite(converter, quantize, calibration=None, float_ops=FLOAT_IN_MI
     return converter.convert()
 
 
-def _calibration(folder, spec):
+def _calibration(folder, spec, limit=200):
+    """The representative dataset: up to `limit` readable images of `folder`.
+
+    Unreadable files are left out, as training does, with a
+    `SkippedImagesWarning` naming them; a folder with none readable is an
+    `ExportError`.
+    """
     from keras_twins.images import load_image
 
     batch, height, width, _ = spec.shape
-    files = _image_files(folder)[:200]
+    files, skipped = [], []
+    for path in _image_files(folder):
+        if len(files) == limit:
+            break
+        try:
+            load_image(path)
+            files.append(path)
+        except (OSError, ValueError):
+            skipped.append(path)
+    if not files:
+        raise ExportError(f"{folder}: none of its image files could be read")
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} unreadable image file(s) in the representative "
+                      f"data: {', '.join(skipped[:5])}", SkippedImagesWarning, stacklevel=4)
 
     def samples():
         # Batches of the graph's fixed size (its reshapes allow no other),

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -15,6 +17,7 @@ from conftest import TINY
 from conftest import TINY_PCPVT
 from keras_twins.export import FLOAT_IN_MIXED_INT8
 from keras_twins.export import ExportError
+from keras_twins.export import SkippedImagesWarning
 from keras_twins.export import export
 from keras_twins.export import read_tflite_metadata
 from keras_twins.export import tflite_report
@@ -168,14 +171,28 @@ def test_quantized_files_run_and_shrink(calibration_images, tmp_path):
 
 
 def test_int8_with_a_fixed_batch_of_three(calibration_images, tmp_path):
-    """Calibration feeds whole batches: the fixed-shape graph takes no other size."""
+    """Calibration feeds whole batches: the fixed-shape graph takes no other size.
+
+    An unreadable file in the folder is left out with a warning, as in training.
+    """
     model = keras_twins.Twins(**TINY, classes=10, input_shape=(None, None, 3))
     images = np.random.default_rng(5).uniform(0, 255, (3, 64, 96, 3)).astype(np.float32)
-    path = export(model, tmp_path / "int8.tflite", quantize="int8", batch_size=3,
-                  image_size=(64, 96), representative_data=calibration_images)
+    folder = tmp_path / "calibration"
+    shutil.copytree(calibration_images, folder)
+    (folder / "broken.jpg").write_text("not an image")
+    with pytest.warns(SkippedImagesWarning, match="broken.jpg"):
+        path = export(model, tmp_path / "int8.tflite", quantize="int8", batch_size=3,
+                      image_size=(64, 96), representative_data=folder)
     output, _ = run_tflite(path, images)
     assert output.shape == (3, 10) and np.isfinite(output).all()
     assert "BATCH_MATMUL" not in tflite_report(str(path))["ops"]
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    (unreadable / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    with pytest.raises(ExportError, match="none of its image files could be read"):
+        export(model, tmp_path / "none.tflite", quantize="int8", representative_data=unreadable)
+    assert sorted(os.listdir(tmp_path)) == ["calibration", "int8.tflite", "labels.txt",
+                                            "unreadable"]
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -186,10 +203,12 @@ def test_int8_with_a_fixed_batch_of_three(calibration_images, tmp_path):
     (dict(image_size=(16, 224)), "at least 32x32"),
     (dict(batch_size=0), "batch_size=0"),
     (dict(image_size=(64, 96)), "takes 224x224 images"),
+    (dict(image_size=(224, 224, 3)), "Received: image_size=(224, 224, 3)"),
+    (dict(batch_size=2.5), "Received: batch_size=2.5"),
 ])
 def test_bad_export_arguments_leave_no_file(kwargs, message, tmp_path):
     model = keras_twins.Twins(**TINY, classes=10)
-    with pytest.raises(ExportError, match=message.replace("(", r"\(")):
+    with pytest.raises(ExportError, match=re.escape(message)):
         export(model, tmp_path / "model.out", **kwargs)
     assert os.listdir(tmp_path) == []
     with pytest.raises(ExportError, match="not writable|does not exist"):
@@ -240,12 +259,14 @@ def test_cli_export_writes_a_file_and_reports(tmp_path):
     assert outputs.shape == (1, 10)
     for bad, named in [(["--format", "coreml"], "coreml"),
                        (["--format", "tflite", "--quantize", "int8"], "representative_data"),
-                       (["--format", "tflite", "--image-size", "16"], "--image-size")]:
+                       (["--format", "tflite", "--image-size", "16"], "--image-size"),
+                       (["--format", "onnx", "--output", str(tmp_path)], "is a folder")]:
         failed = subprocess.run(
             [sys.executable, "-m", "keras_twins", "export", "--model", str(config),
              "--weights", "none", "--output", str(tmp_path / "bad.tflite"), *bad],
             capture_output=True, text=True, timeout=600)
-        assert failed.returncode != 0 and "Traceback" not in failed.stderr
-        last = failed.stderr.strip().splitlines()[-1]
-        assert last.startswith("error:") and named in last, last
+        assert failed.returncode != 0
+        lines = failed.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and named in lines[0], lines
         assert not (tmp_path / "bad.tflite").exists()
+    assert config.exists() and output.exists()
