@@ -143,6 +143,40 @@ def test_wrapped_checkpoint_with_fine_tuned_head_converts_and_detects_variant(
     assert features.output.shape[-1] == 512
 
 
+class _NotPlainData:
+    pass
+
+
+def test_training_script_checkpoints_are_read(state_dict, tmp_path):
+    """timm's train.py and the official repository's main.py save their weights
+    beside an optimizer state and the run's argparse.Namespace."""
+    import argparse
+
+    tensors = {k: torch.from_numpy(v) for k, v in state_dict.items()}
+    ema = {k: v + 1 for k, v in tensors.items()}
+    args = argparse.Namespace(model=VARIANT, lr=5e-4, epochs=300, sched="cosine")
+    optimizer = {"state": {}, "param_groups": [{"lr": 1e-3, "params": [0, 1]}]}
+    layouts = {
+        "model_best.pth.tar": ({"epoch": 3, "arch": VARIANT, "state_dict": tensors,
+                                "optimizer": optimizer, "version": 2, "args": args,
+                                "state_dict_ema": ema, "metric": 81.2}, 0),
+        "checkpoint.pth": ({"model": tensors, "optimizer": optimizer, "epoch": 3,
+                            "lr_scheduler": {"last_epoch": 3}, "args": args,
+                            "model_ema": ema}, 0),
+        "ema_only.pth": ({"state_dict_ema": ema, "epoch": 3}, 1),
+    }
+    for name, (checkpoint, offset) in layouts.items():
+        torch.save(checkpoint, tmp_path / name)
+        read = read_checkpoint(tmp_path / name)
+        assert read.keys() == state_dict.keys(), name
+        for key, value in state_dict.items():
+            np.testing.assert_array_equal(read[key], value + offset, err_msg=name)
+    # Only the Namespace is allowed: other objects beside the weights are still refused.
+    torch.save({"state_dict": tensors, "args": _NotPlainData()}, tmp_path / "other.pth")
+    with pytest.raises(ConversionError, match="refused"):
+        read_checkpoint(tmp_path / "other.pth")
+
+
 def test_variant_flag_for_another_variant_is_refused(random_reference, tmp_path):
     _, directory = random_reference(VARIANT)
     output = tmp_path / "x.weights.h5"

@@ -1,11 +1,12 @@
 """Reads PyTorch checkpoints into `{key: float32 numpy array}`.
 
 `.safetensors` is parsed here, with no torch and no code execution.
-Pickled formats (`.pth`, `.pt`, `.bin`, `.ckpt`) go through
+Pickled formats (`.pth`, `.pt`, `.bin`, `.ckpt`, `.pth.tar`) go through
 `torch.load(weights_only=True)`, which refuses any pickle that would run code;
 torch is imported only for them.
 """
 
+import argparse
 import json
 import os
 
@@ -13,7 +14,12 @@ import numpy as np
 
 from weights_convert.errors import ConversionError
 
-PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+# ".pth.tar" and ".tar": the names timm's train.py gives its checkpoints.
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
+# Where training scripts keep the weights in a checkpoint: timm's train.py
+# ("state_dict", "state_dict_ema"), the official repository's DeiT-style
+# main.py ("model", "model_ema"). The EMA copy is used when it is the only one.
+_WRAPPERS = ("model", "state_dict", "state_dict_ema", "model_ema")
 SAFETENSORS_SUFFIX = ".safetensors"
 
 _SAFETENSORS_DTYPES = {
@@ -27,8 +33,10 @@ _SAFETENSORS_DTYPES = {
 def read_checkpoint(path):
     """Returns the state dict of the checkpoint at `path` as float32 arrays.
 
-    Training checkpoints wrapped as `{"model": ...}` or `{"state_dict": ...}`
-    are unwrapped, and a DistributedDataParallel `module.` prefix is removed.
+    Training checkpoints are unwrapped: `{"model": ...}` or `{"state_dict":
+    ...}`, else the EMA weights (`"state_dict_ema"`, `"model_ema"`), beside
+    an optimizer state and the training script's `argparse.Namespace`. A
+    DistributedDataParallel `module.` prefix is removed.
 
     Raises:
         ConversionError: the file is missing, truncated, not a checkpoint, or
@@ -131,7 +139,10 @@ def _read_pickle(path):
             "(pip install torch); .safetensors files need no torch"
         ) from None
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # timm's and the official repository's training scripts store their
+        # argparse.Namespace beside the weights: plain data, safe to allow.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for bad files.
         message = str(error)
         if "Weights only load failed" in message:
@@ -144,7 +155,7 @@ def _read_pickle(path):
             f"{path}: not a readable PyTorch checkpoint (truncated or another "
             f"format): {first_line}"
         ) from None
-    for wrapper in ("model", "state_dict"):
+    for wrapper in _WRAPPERS:
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(wrapper), dict):
             checkpoint = checkpoint[wrapper]
             break
