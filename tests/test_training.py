@@ -393,8 +393,10 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, capfd):
     data = image_folder(tmp_path / "data", per_class=4)
     (data / "train" / "circle" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     (data / "train" / "square" / "text.jpg").write_text("not an image")
+    # Jupyter's checkpoint folder is not a class.
+    (data / "train" / ".ipynb_checkpoints").mkdir()
     split = data_lib.load_split(data, "train")
-    assert split.num_examples == 8
+    assert split.num_examples == 8 and split.class_names == ["circle", "square"]
     assert sorted(os.path.basename(p) for p in split.skipped) == ["broken.png", "text.jpg"]
     code, out, err = run_cli(capfd, "train", "--data", data, "--model", json_config(tmp_path),
                              "--image-size", "32", "--epochs", "1", "--batch-size", "4",
