@@ -166,6 +166,13 @@ class TwinsModel(keras.Model):
             return super().predict_step(*args, **kwargs)
 
     def call(self, inputs, training=None, mask=None):
+        # A grayscale batch broadcast silently against the 3-channel
+        # normalization and ran; a 4-channel one failed deep in the graph.
+        channels, expected = getattr(inputs, "shape", (None,))[-1], self.input_shape[-1]
+        if None not in (channels, expected) and channels != expected:
+            raise ValueError(f"`{self.name}` takes images with {expected} (RGB) channels in "
+                             f"the last axis. Received: inputs.shape={tuple(inputs.shape)}")
+
         def whole(x):
             return super(TwinsModel, self).call(x, training=training, mask=mask)
 

@@ -1,5 +1,6 @@
 """The builder and the six constructors: sizes, arguments, shapes, saving."""
 
+import re
 import warnings
 
 import numpy as np
@@ -169,6 +170,15 @@ def test_argument_errors_name_the_argument_and_value(kwargs, message):
 def test_imagenet_weights_only_for_the_six_variants():
     with pytest.raises(ValueError, match="Received: weights='imagenet'"):
         keras_twins.Twins(**TINY, weights="imagenet")
+
+
+def test_a_grayscale_batch_is_refused_not_broadcast():
+    """(H, W, 1) broadcast against the 3-channel normalization and ran."""
+    model = keras_twins.Twins(**TINY, input_shape=(None, None, 3), classes=10)
+    gray = np.zeros((2, 64, 64, 1), np.float32)
+    for run in (model, lambda x: model.predict(x, verbose=0)):
+        with pytest.raises(ValueError, match=re.escape("3 (RGB) channels")):
+            run(gray)
 
 
 @pytest.mark.parametrize("change, message", [
