@@ -77,8 +77,13 @@ def split_names(source, data_dir=None, manual_dir=None):
     if not os.path.isdir(source):
         raise DataError(f"{source}: no such folder (expected ROOT/SPLIT/LABEL/*.jpg|png "
                         "or tfds:NAME)")
-    return sorted(d for d in os.listdir(source)
-                  if os.path.isdir(os.path.join(source, d)) and not d.startswith("."))
+    return _subfolders(source)
+
+
+def _subfolders(folder):
+    """The sorted sub-folder names, without hidden ones (.ipynb_checkpoints and kin)."""
+    return sorted(d for d in os.listdir(folder)
+                  if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
 
 
 def default_validation_split(source, data_dir=None, manual_dir=None):
@@ -109,9 +114,7 @@ def _folder_split(root, split):
     if not os.path.isdir(folder):
         raise DataError(f"{root}: no '{split}' split (found: "
                         f"{', '.join(split_names(root)) or 'no sub-folders'})")
-    # Hidden folders (.ipynb_checkpoints, .DS_Store's kin) are not classes.
-    class_names = sorted(d for d in os.listdir(folder)
-                         if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
+    class_names = _subfolders(folder)
     paths, labels = [], []
     for label, name in enumerate(class_names):
         for file in sorted(os.listdir(os.path.join(folder, name))):
