@@ -270,10 +270,15 @@ def _validate_arguments(weights, variant, include_top, classes, pooling):
                 'If using `weights="imagenet"` with `include_top=True`, '
                 f"`classes` should be 1000. Received classes={classes}"
             )
-    elif weights is not None and not (
-        isinstance(weights, (str, os.PathLike)) and os.path.isfile(weights)
-    ):
-        raise ValueError(f"{_WEIGHTS_ERROR} Received: weights={weights!r}")
+    elif weights is not None:
+        if not isinstance(weights, (str, os.PathLike)):
+            raise ValueError(f"{_WEIGHTS_ERROR} Received: weights={weights!r}")
+        if os.path.isdir(weights):
+            raise ValueError(f"`weights` names a folder, not a weights file. "
+                             f"Received: weights={weights!r}")
+        if not os.path.isfile(weights):
+            raise ValueError(f"No file at the `weights` path. {_WEIGHTS_ERROR} "
+                             f"Received: weights={weights!r}")
     if not include_top and pooling not in (None, "avg", "max"):
         raise ValueError(
             "`pooling` must be one of None, 'avg' or 'max'. "
@@ -293,6 +298,11 @@ def _input_shape(input_shape, input_tensor, include_top):
     if len(input_shape) != 3:
         raise ValueError(
             "`input_shape` must be (height, width, channels). "
+            f"Received: input_shape={input_shape}"
+        )
+    if not all(side is None or isinstance(side, numbers.Integral) for side in input_shape):
+        raise ValueError(
+            "`input_shape` must hold whole numbers (or None for any size). "
             f"Received: input_shape={input_shape}"
         )
     if input_shape[-1] != 3:

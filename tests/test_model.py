@@ -1,5 +1,6 @@
 """The builder and the six constructors: sizes, arguments, shapes, saving."""
 
+import os
 import re
 import warnings
 
@@ -153,12 +154,17 @@ def test_input_tensor_is_used():
 
 
 @pytest.mark.parametrize("kwargs, message", [
+    (dict(weights="nowhere/model.safetensors"),
+     "No file at the `weights` path. The `weights` argument should be"),
     (dict(weights="nowhere/model.safetensors"), "Received: weights='nowhere/model.safetensors'"),
+    (dict(weights=os.curdir), "`weights` names a folder"),
     (dict(weights=3), "Received: weights=3"),
     (dict(weights="imagenet", classes=10), "`classes` should be 1000. Received classes=10"),
     (dict(input_shape=(224, 224, 1)), "3 channels; Received `input_shape=(224, 224, 1)`"),
     (dict(input_shape=(31, 224, 3)), "at least 32x32; Received: input_shape=(31, 224, 3)"),
     (dict(input_shape=(224, 3)), "Received: input_shape=(224, 3)"),
+    # Keras' own error for a float size came from deep inside its variables.
+    (dict(input_shape=(224.0, 224.0, 3)), "whole numbers (or None for any size)"),
     (dict(include_top=False, pooling="mean"), "Received: pooling='mean'"),
 ])
 def test_argument_errors_name_the_argument_and_value(kwargs, message):
