@@ -20,6 +20,11 @@ def load_image(path, image_size=variants.DEFAULT_IMAGE_SIZE, crop_pct=variants.C
     except ImportError:
         raise ImportError("Loading images needs Pillow: pip install pillow") from None
     with Image.open(path) as image:
+        if image.mode.startswith("I;16"):
+            # 16-bit grayscale (PNG): Pillow's convert("RGB") clips at 255, so
+            # nearly every pixel turned white. Keep the high byte, as
+            # TensorFlow's decoder does for the training and evaluation data.
+            image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
         image = image.convert("RGB")
         width, height = image.size
         short = int(image_size / crop_pct)

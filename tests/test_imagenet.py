@@ -54,3 +54,18 @@ def test_load_image_matches_timm_evaluation_transform(mode, size, tmp_path):
     loaded = keras_twins.load_image(path)
     assert loaded.shape == (224, 224, 3) and loaded.dtype == np.float32
     np.testing.assert_allclose(loaded, expected, atol=1e-3)
+
+
+def test_a_16_bit_grayscale_png_loads_as_its_8_bit_image(tmp_path):
+    """Pillow's convert("RGB") clipped 16-bit values at 255: the image came out white."""
+    import tensorflow as tf
+
+    high = np.random.default_rng(0).integers(0, 256, (97, 131)).astype(np.uint16)
+    wide = high * 256 + np.random.default_rng(1).integers(0, 256, high.shape).astype(np.uint16)
+    Image.fromarray(wide).save(tmp_path / "gray16.png")
+    Image.fromarray(high.astype(np.uint8)).save(tmp_path / "gray8.png")
+    loaded = keras_twins.load_image(tmp_path / "gray16.png")
+    np.testing.assert_array_equal(loaded, keras_twins.load_image(tmp_path / "gray8.png"))
+    # The training and evaluation pipelines decode with TensorFlow: the same pixels.
+    decoded = tf.io.decode_png(tf.io.read_file(str(tmp_path / "gray16.png")), channels=3)
+    np.testing.assert_array_equal(decoded.numpy()[..., 0], high)
