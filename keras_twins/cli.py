@@ -70,7 +70,7 @@ def main(argv=None):
 
     train = commands.add_parser("train", help="train or fine-tune with model.fit")
     train.add_argument("--data", required=True,
-                       help="tfds:NAME or an image folder ROOT/SPLIT/LABEL/*.jpg|png")
+                       help="tfds:NAME or an image folder ROOT/SPLIT/LABEL/*.jpg|png|webp")
     train.add_argument("--output", required=True, help="the run folder")
     train.add_argument("--model", default="twins_svt_small",
                        help="variant name, or a JSON file of keras_twins.Twins arguments")

@@ -5,7 +5,7 @@ labels:
 
 - `"tfds:NAME"`: a tensorflow-datasets image-classification dataset (for
   ImageNet, `tfds:imagenet2012` with the archives in its manual directory).
-- a folder in the `tfds.ImageFolder` layout, `ROOT/SPLIT/LABEL/*.jpg|png`.
+- a folder in the `tfds.ImageFolder` layout, `ROOT/SPLIT/LABEL/*.jpg|png|webp`.
   Unreadable files are found before training, skipped and counted.
 
 `training_pipeline` adds the paper's augmentation (DeiT's): random-resized
@@ -25,7 +25,7 @@ import tensorflow as tf
 from keras_twins import cpu_streams, variants
 
 TFDS_PREFIX = "tfds:"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 VALIDATION_SPLITS = ("validation", "val", "test")
 AUGMENTATIONS = ("imagenet", "light", "none")
 
@@ -75,7 +75,7 @@ def split_names(source, data_dir=None, manual_dir=None):
         builder = _tfds_builder(source[len(TFDS_PREFIX):], data_dir, manual_dir)
         return list(builder.info.splits)
     if not os.path.isdir(source):
-        raise DataError(f"{source}: no such folder (expected ROOT/SPLIT/LABEL/*.jpg|png "
+        raise DataError(f"{source}: no such folder (expected ROOT/SPLIT/LABEL/*.jpg|png|webp "
                         "or tfds:NAME)")
     return _subfolders(source)
 
@@ -108,7 +108,7 @@ def check_same_classes(train, validation, validation_name):
 
 def _folder_split(root, split):
     if not os.path.isdir(root):
-        raise DataError(f"{root}: no such folder (expected ROOT/SPLIT/LABEL/*.jpg|png "
+        raise DataError(f"{root}: no such folder (expected ROOT/SPLIT/LABEL/*.jpg|png|webp "
                         "or tfds:NAME)")
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
@@ -122,7 +122,7 @@ def _folder_split(root, split):
                 paths.append(os.path.join(folder, name, file))
                 labels.append(label)
     if not paths:
-        raise DataError(f"{folder}: no images found (expected {folder}/LABEL/*.jpg|png)")
+        raise DataError(f"{folder}: no images found (expected {folder}/LABEL/*.jpg|png|webp)")
     readable = _readable(paths)
     skipped = [path for path in paths if path not in readable]
     kept = [(path, label) for path, label in zip(paths, labels) if path in readable]

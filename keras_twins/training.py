@@ -344,7 +344,7 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
     """Trains a Twins classifier with `model.fit` and writes a run folder.
 
     Args:
-        data: `"tfds:NAME"` or an image folder `ROOT/SPLIT/LABEL/*.jpg|png`;
+        data: `"tfds:NAME"` or an image folder `ROOT/SPLIT/LABEL/*.jpg|png|webp`;
             the `train` split trains and `validation_split` validates.
         model: a variant name, or a dict of `keras_twins.Twins` arguments.
         output: the run folder (see the module docstring). A folder holding

@@ -405,6 +405,33 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, capfd):
     assert "skipped 2 unreadable image file(s)" in out
 
 
+def test_webp_images_without_alpha_are_read_and_others_skipped(tmp_path):
+    """.webp files were not listed. TensorFlow decodes an RGBA or animated WebP
+    only as RGBA, and asking it for that aborted the process on animated files
+    (heap corruption in TensorFlow 2.21), so those are skipped by name."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "data" / "train" / "pets"
+    folder.mkdir(parents=True)
+    pixels = rng.integers(0, 255, (30, 41, 4), dtype=np.uint8)
+    Image.fromarray(pixels[..., :3]).save(folder / "lossy.webp")
+    Image.fromarray(pixels[..., :3]).save(folder / "lossless.webp", lossless=True)
+    Image.fromarray(pixels, "RGBA").save(folder / "rgba.webp", lossless=True)
+    frames = [Image.fromarray(np.roll(pixels[..., :3], i, 0)) for i in range(3)]
+    frames[0].save(folder / "animated.webp", save_all=True, append_images=frames[1:])
+    (folder / "short.webp").write_bytes(b"RIFF")
+    split = data_lib.load_split(tmp_path / "data", "train")
+    assert sorted(os.path.basename(p) for p in split.skipped) == [
+        "animated.webp", "rgba.webp", "short.webp"]
+    decoded = {os.path.basename(path.decode()): image for (image, _), path in
+               zip(split.dataset.as_numpy_iterator(), split.paths.numpy())}
+    assert sorted(decoded) == ["lossless.webp", "lossy.webp"]
+    np.testing.assert_array_equal(decoded["lossless.webp"], pixels[..., :3])
+    with Image.open(folder / "lossy.webp") as opened:
+        lossy = np.asarray(opened.convert("RGB")).astype(int)
+    # libwebp's YUV to RGB conversion may differ from Pillow's by a level or two.
+    assert np.abs(decoded["lossy.webp"].astype(int) - lossy).max() <= 3
+
+
 def json_config(tmp_path):
     path = tmp_path / "tiny.json"
     path.write_text(json.dumps(TINY))
