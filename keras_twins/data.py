@@ -331,19 +331,31 @@ def _finish(dataset, deterministic):
 def center_crop(image, image_size, crop_pct=variants.CROP_PCT):
     """timm's evaluation transform in TensorFlow, as float32 in [0, 255].
 
-    A square size resizes the shorter side to `floor(size / crop_pct)`; a
-    non-square one resizes to `floor(H / crop_pct) x floor(W / crop_pct)`.
+    The same geometry as `keras_twins.load_image` (see there): a square size
+    resizes the shorter side to `floor(size / crop_pct)`, a non-square one
+    keeps the aspect ratio and fits the tighter side to `floor(H / crop_pct)`
+    or `floor(W / crop_pct)`; then the center crop, its offset rounded as
+    torchvision rounds it. Bicubic, antialiased when shrinking.
     """
     height, width = image_size
+    shape = tf.cast(tf.shape(image)[:2], tf.float64)
     if height == width:
-        shape = tf.cast(tf.shape(image)[:2], tf.float32)
-        scale = math.floor(height / crop_pct) / tf.reduce_min(shape)
-        resized = tf.cast(tf.round(shape * scale), tf.int32)
+        # torchvision's Resize(int): int(target * long / short) for the longer side.
+        target = math.floor(height / crop_pct)
+        longer = tf.floor(target * tf.reduce_max(shape) / tf.reduce_min(shape))
+        resized = tf.where(shape[0] < shape[1], tf.stack([target, longer]),
+                           tf.stack([longer, target]))
     else:
-        resized = tf.constant([math.floor(height / crop_pct), math.floor(width / crop_pct)])
+        # timm's ResizeKeepRatio: the smaller of the two scale ratios, rounded sides.
+        ratio = tf.minimum(shape[0] / math.floor(height / crop_pct),
+                           shape[1] / math.floor(width / crop_pct))
+        resized = tf.round(shape / ratio)
+    resized = tf.cast(resized, tf.int32)
     image = tf.image.resize(image, resized, method="bicubic", antialias=True)
-    top = (resized[0] - height) // 2
-    left = (resized[1] - width) // 2
+    # torchvision's CenterCrop offset, round((resized - size) / 2), halves to
+    # even as Python's round and tf.round do.
+    top, left = tf.unstack(tf.cast(tf.round(
+        tf.cast(resized - [height, width], tf.float32) / 2), tf.int32))
     image = image[top:top + height, left:left + width]
     return tf.clip_by_value(tf.ensure_shape(image, [height, width, 3]), 0.0, 255.0)
 

@@ -8,12 +8,16 @@ from keras_twins import variants
 def load_image(path, image_size=variants.DEFAULT_IMAGE_SIZE, crop_pct=variants.CROP_PCT):
     """Loads an image file as the reference's evaluation transform does.
 
-    Resizes the shorter side to `int(image_size / crop_pct)` with bicubic
-    interpolation, center-crops `image_size` x `image_size` and converts to
-    RGB (grayscale and RGBA included).
+    Converts to RGB (grayscale, RGBA and 16-bit included), resizes with
+    bicubic interpolation and crops the center, as timm's evaluation
+    transform does: for a square `image_size`, the shorter side to
+    `int(image_size / crop_pct)`; for `(height, width)`, the aspect ratio
+    kept and the tighter side fitted to `int(height / crop_pct)` or
+    `int(width / crop_pct)` (timm's `ResizeKeepRatio`, which timm runs
+    bilinear; bicubic here, as for square sizes).
 
     Returns:
-        float32 array `(image_size, image_size, 3)`, pixels in [0, 255].
+        float32 array `(height, width, 3)`, pixels in [0, 255].
     """
     try:
         from PIL import Image
@@ -26,15 +30,21 @@ def load_image(path, image_size=variants.DEFAULT_IMAGE_SIZE, crop_pct=variants.C
             # TensorFlow's decoder does for the training and evaluation data.
             image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
         image = image.convert("RGB")
+        crop_height, crop_width = (tuple(image_size) if np.ndim(image_size)
+                                   else (image_size, image_size))
         width, height = image.size
-        short = int(image_size / crop_pct)
-        # torchvision's Resize(int): the shorter side to `short`, truncating the other.
-        if width <= height:
-            size = (short, int(short * height / width))
+        if crop_height == crop_width:
+            short = int(crop_height / crop_pct)
+            # torchvision's Resize(int): the shorter side to `short`, truncating the other.
+            if width <= height:
+                size = (short, int(short * height / width))
+            else:
+                size = (int(short * width / height), short)
         else:
-            size = (int(short * width / height), short)
+            ratio = min(height / int(crop_height / crop_pct), width / int(crop_width / crop_pct))
+            size = (round(width / ratio), round(height / ratio))
         image = image.resize(size, Image.BICUBIC)
-        left = int(round((size[0] - image_size) / 2.0))
-        top = int(round((size[1] - image_size) / 2.0))
-        image = image.crop((left, top, left + image_size, top + image_size))
+        left = int(round((size[0] - crop_width) / 2.0))
+        top = int(round((size[1] - crop_height) / 2.0))
+        image = image.crop((left, top, left + crop_width, top + crop_height))
         return np.asarray(image, dtype=np.float32)

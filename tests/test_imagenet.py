@@ -35,25 +35,66 @@ def test_preprocess_input_is_the_identity_for_models_that_normalize_inside():
     assert keras_twins.preprocess_input(x) is x
 
 
-@pytest.mark.parametrize("mode, size", [("RGB", (333, 217)), ("L", (97, 131)),
-                                        ("RGBA", (250, 181)), ("RGB", (224, 600))])
-def test_load_image_matches_timm_evaluation_transform(mode, size, tmp_path):
+def china(mode, size):
     import sklearn.datasets
-    import timm.data
 
     folder = os.path.join(os.path.dirname(sklearn.datasets.__file__), "images")
-    image = Image.open(os.path.join(folder, "china.jpg")).convert(mode).resize(size)
+    return Image.open(os.path.join(folder, "china.jpg")).convert(mode).resize(size)
+
+
+def timm_evaluation_transform(crop):
+    """timm's evaluation transform at `crop` = (height, width), bicubic, pixels in [0, 1]."""
+    import timm.data
+    from timm.data.transforms import ResizeKeepRatio
+    from torchvision import transforms
+
+    if crop[0] == crop[1]:
+        return timm.data.create_transform(input_size=(3, *crop), crop_pct=0.9,
+                                          interpolation="bicubic", mean=(0, 0, 0), std=(1, 1, 1))
+    # timm's own non-square transform is this with ResizeKeepRatio's default
+    # bilinear; keras_twins stays bicubic at every size.
+    return transforms.Compose([
+        ResizeKeepRatio(tuple(int(side / 0.9) for side in crop), interpolation="bicubic"),
+        transforms.CenterCrop(crop), transforms.ToTensor()])
+
+
+# Sizes whose resize rounds, whose crop offset is a half pixel (rounded to
+# even), and non-square crops (resized keeping the aspect ratio).
+SIZES = [((333, 217), (224, 224)), ((331, 248), (224, 224)), ((100, 77), (32, 32)),
+         ((640, 427), (96, 128)), ((200, 300), (130, 97))]
+
+
+@pytest.mark.parametrize("mode, size, crop", [
+    ("RGB", (333, 217), (224, 224)), ("L", (97, 131), (224, 224)),
+    ("RGBA", (250, 181), (224, 224)), ("RGB", (224, 600), (224, 224)),
+    *[("RGB", size, crop) for size, crop in SIZES[1:]],
+])
+def test_load_image_matches_timm_evaluation_transform(mode, size, crop, tmp_path):
     path = tmp_path / "image.png"
-    image.save(path)
-    transform = timm.data.create_transform(
-        input_size=(3, 224, 224), crop_pct=0.9, interpolation="bicubic",
-        mean=(0, 0, 0), std=(1, 1, 1),
-    )
+    china(mode, size).save(path)
     with Image.open(path) as opened:
-        expected = transform(opened.convert("RGB")).numpy().transpose(1, 2, 0) * 255
-    loaded = keras_twins.load_image(path)
-    assert loaded.shape == (224, 224, 3) and loaded.dtype == np.float32
+        expected = timm_evaluation_transform(crop)(opened.convert("RGB"))
+    expected = expected.numpy().transpose(1, 2, 0) * 255
+    loaded = keras_twins.load_image(path, crop if crop[0] != crop[1] else crop[0])
+    assert loaded.shape == (*crop, 3) and loaded.dtype == np.float32
     np.testing.assert_allclose(loaded, expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("size, crop", SIZES)
+def test_the_evaluation_pipeline_crops_as_timm_does(size, crop):
+    """The TensorFlow transform behind `evaluate` and validation: its crop was a
+    pixel off when the margin was 3 modulo 4, its long side rounded where
+    torchvision truncates, and a non-square crop squashed the image."""
+    import tensorflow as tf
+    from keras_twins import data
+
+    image = china("RGB", size)
+    expected = timm_evaluation_transform(crop)(image).numpy().transpose(1, 2, 0) * 255
+    cropped = data.center_crop(tf.constant(np.asarray(image)), crop).numpy()
+    # TensorFlow's bicubic resize against Pillow's, which rounds to 8 bits:
+    # a one-pixel shift differs by 10 levels on average on this photograph.
+    assert np.abs(cropped - expected).mean() < 0.5
+    assert np.abs(cropped - expected).max() < 8
 
 
 def test_a_16_bit_grayscale_png_loads_as_its_8_bit_image(tmp_path):
