@@ -40,9 +40,10 @@ def main(argv=None):
     predict = commands.add_parser("predict", help="classify image files")
     predict.add_argument("images", nargs="+", metavar="IMAGE")
     predict.add_argument("--model", default="twins_svt_small",
-                         help="variant name (default: twins_svt_small)")
-    predict.add_argument("--weights", default="imagenet",
-                         help="'imagenet' (default) or a checkpoint path")
+                         help="variant name (default: twins_svt_small), a JSON file of "
+                              "keras_twins.Twins arguments, or a .keras model (from train)")
+    predict.add_argument("--weights",
+                         help="'imagenet' (default) or a checkpoint path; not for a .keras model")
     predict.add_argument("--top", type=int, default=5, help="classes per image")
     predict.add_argument("--json", action="store_true", help="print JSON")
 
@@ -54,16 +55,18 @@ def main(argv=None):
 
     export = commands.add_parser("export", help="export to TFLite, ONNX or SavedModel")
     export.add_argument("--model", default="twins_svt_small",
-                        help="variant name, or a JSON file of keras_twins.Twins arguments")
-    export.add_argument("--weights", default="imagenet",
-                        help="'imagenet' (default), a checkpoint path, or 'none'")
+                        help="variant name, a JSON file of keras_twins.Twins arguments, "
+                             "or a .keras model (from train)")
+    export.add_argument("--weights",
+                        help="'imagenet' (default), a checkpoint path, or 'none'; "
+                             "not for a .keras model")
     export.add_argument("--format", required=True, help="saved_model, tflite or onnx")
     export.add_argument("--output", required=True, help="the file (or SavedModel folder)")
     export.add_argument("--quantize", default="none",
                         help="TFLite: none, float16, dynamic, int8 or int8-mixed")
     export.add_argument("--representative-data", help="image folder for int8 calibration")
-    export.add_argument("--image-size", type=int, nargs="+", default=[224],
-                        metavar="H [W]", help="input size (default 224)")
+    export.add_argument("--image-size", type=int, nargs="+", metavar="H [W]",
+                        help="input size (default: the .keras model's, else 224)")
     export.add_argument("--batch-size", type=int, default=1)
     export.add_argument("--logits", action="store_true",
                         help="output logits instead of probabilities")
@@ -144,30 +147,33 @@ def main(argv=None):
 
 
 def _predict(args):
-    from keras_twins.imagenet import imagenet_classes
+    from keras_twins import variants
+    from keras_twins.export import class_names
     from keras_twins.images import load_image
     from keras_twins.pretrained import WeightsDownloadError
 
     if args.top < 1:
         raise CommandError(f"--top must be at least 1. Received: {args.top}")
-    images = []
     for path in args.images:
-        try:
-            images.append(load_image(path))
-        except (OSError, ValueError) as error:
-            raise CommandError(f"{path}: cannot read the image ({_one_line(error)})") from None
-
+        if not os.path.isfile(path):
+            raise CommandError(f"{path}: no such image file")
     try:
         # Download progress goes to stderr, keeping stdout for the results.
         with contextlib.redirect_stdout(sys.stderr):
             model = _model(args.model, args.weights)
     except (ValueError, WeightsDownloadError) as error:
         raise CommandError(_one_line(error)) from None
+    # A model trained at another size (a .keras file) gets its own size.
+    size = tuple(model.input_shape[1:3])
+    size = variants.DEFAULT_IMAGE_SIZE if None in size else size
+    images = []
+    for path in args.images:
+        try:
+            images.append(load_image(path, size))
+        except (OSError, ValueError) as error:
+            raise CommandError(f"{path}: cannot read the image ({_one_line(error)})") from None
     probabilities = model.predict(np.stack(images), verbose=0)
-
-    classes = probabilities.shape[-1]
-    names = [name for _, name in imagenet_classes()] if classes == 1000 else [
-        f"class_{i}" for i in range(classes)]
+    names = class_names(model, args.model if _is_keras_file(args.model) else None)
     results = []
     for path, row in zip(args.images, probabilities):
         best = row.argsort()[::-1][: args.top]
@@ -190,6 +196,10 @@ def _predict(args):
     return "\n".join(lines)
 
 
+def _is_keras_file(model):
+    return model.lower().endswith(".keras")
+
+
 def _model(model, weights):
     """The model named by `--model` with `--weights`, taking any input size.
 
@@ -202,6 +212,16 @@ def _model(model, weights):
     from weights_convert.checkpoint import PICKLE_SUFFIXES
     from weights_convert.checkpoint import SAFETENSORS_SUFFIX
 
+    if _is_keras_file(model):
+        from keras_twins.training import load_keras_model
+
+        if weights is not None:
+            raise CommandError(f"--weights does not apply to {model}: a .keras model "
+                               "holds its own weights")
+        if not os.path.isfile(model):
+            raise CommandError(f"{model}: no such model file")
+        return load_keras_model(model)
+    weights = "imagenet" if weights is None else weights
     if weights not in ("imagenet", "none") and not os.path.isfile(weights):
         raise CommandError(f"{weights}: no such weights file")
     weights = None if weights == "none" else weights
@@ -225,24 +245,31 @@ def _model(model, weights):
 
 def _export(args):
     from keras_twins.export import SkippedImagesWarning
+    from keras_twins.export import class_names
     from keras_twins.export import export
+    from keras_twins.export import export_size
     from keras_twins.export import tflite_report
     from keras_twins.pretrained import WeightsDownloadError
 
-    if len(args.image_size) > 2 or min(args.image_size) < 32:
-        raise CommandError("--image-size takes H [W], each at least 32. "
-                           f"Received: {' '.join(map(str, args.image_size))}")
-    height, width = (args.image_size * 2)[:2]
+    image_size = args.image_size
+    if image_size is not None:
+        if len(image_size) > 2 or min(image_size) < 32:
+            raise CommandError("--image-size takes H [W], each at least 32. "
+                               f"Received: {' '.join(map(str, image_size))}")
+        image_size = tuple((image_size * 2)[:2])
     try:
         with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", SkippedImagesWarning)
             model = _model(args.model, args.weights)
+            labels = class_names(model, args.model if _is_keras_file(args.model) else None)
             path = export(model, args.output, format=args.format, quantize=args.quantize,
                           representative_data=args.representative_data,
-                          image_size=(height, width), batch_size=args.batch_size,
-                          output="logits" if args.logits else "probabilities")
+                          image_size=image_size, batch_size=args.batch_size,
+                          output="logits" if args.logits else "probabilities",
+                          labels=labels)
     except (ValueError, WeightsDownloadError) as error:  # ExportError is a ValueError
         raise CommandError(_one_line(error)) from None
+    height, width = export_size(model, image_size)
     lines = [f"wrote {path} ({args.format}, input {args.batch_size}x{height}x{width}x3 "
              "float32 RGB in [0, 255]) and labels.txt beside it"]
     lines += [str(w.message) for w in caught if issubclass(w.category, SkippedImagesWarning)]

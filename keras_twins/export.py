@@ -47,7 +47,7 @@ class SkippedImagesWarning(UserWarning):
 
 
 def export(model, path, format="tflite", quantize="none", representative_data=None,
-           image_size=None, batch_size=1, output="probabilities"):
+           image_size=None, batch_size=1, output="probabilities", labels=None):
     """Exports a Twins model (or any image classifier taking [0, 255] RGB).
 
     Args:
@@ -68,6 +68,9 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
         batch_size: the fixed batch size of the exported graph.
         output: `"probabilities"` or `"logits"`. A model without a layer
             named `head` (a `SemanticFPN`) is exported with its own output.
+        labels: the class names, one per output; default `class_names(model)`
+            (ImageNet's names for 1000 classes, else `class_0`, ...). They go
+            into `labels.txt` beside the file and the TFLite metadata.
 
     Returns:
         The path written.
@@ -85,7 +88,7 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
     if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
         raise ExportError(f"{path}: the output directory does not exist or is not writable")
     _check_replaceable(path, format)
-    height, width = _image_size(model, image_size)
+    height, width = export_size(model, image_size)
     if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool):
         raise ExportError("`batch_size` must be a whole number. "
                           f"Received: batch_size={batch_size!r}")
@@ -100,7 +103,7 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
     spec = tf.TensorSpec((batch_size, height, width, 3), tf.float32, name="images")
     function = tf.function(_forward(model, output), input_signature=[spec], autograph=False)
 
-    labels = "\n".join(_labels(model)) + "\n"
+    labels = "\n".join(_checked_labels(model, labels)) + "\n"
     with _staged(path) as staging:
         if format == "saved_model":
             _write_saved_model(model, function, spec, staging)
@@ -180,7 +183,8 @@ def _image_files(folder):
     return sorted(files)
 
 
-def _image_size(model, image_size):
+def export_size(model, image_size):
+    """`(height, width)` an export will take: `image_size`, else the model's, else 224."""
     fixed = tuple(model.input_shape[1:3])
     if image_size is None:
         return (224, 224) if None in fixed else fixed
@@ -382,13 +386,42 @@ def _erfc_as_one_minus_erf(ctx, node, name, args):
     return node
 
 
-def _labels(model):
+def class_names(model, model_file=None):
+    """The names of a classifier's outputs.
+
+    With `model_file` (a `.keras` file written by `keras_twins.train`), the
+    `labels.txt` of its run: beside it (`model.keras`) or one folder up
+    (`checkpoints/best.keras`), if it has one name per output. Otherwise
+    ImageNet's names for 1000 outputs, and `class_0`, `class_1`, ... for
+    any other number.
+    """
     from keras_twins.imagenet import imagenet_classes
 
     classes = model.output_shape[-1]
+    if model_file is not None:
+        folder = os.path.dirname(os.path.abspath(model_file))
+        for candidate in (folder, os.path.dirname(folder)):
+            try:
+                with open(os.path.join(candidate, "labels.txt"), encoding="utf-8") as f:
+                    names = f.read().splitlines()
+            except (OSError, UnicodeDecodeError):
+                continue
+            if len(names) == classes and all(names):
+                return names
     if classes == 1000:
         return [name for _, name in imagenet_classes()]
     return [f"class_{i}" for i in range(classes)]
+
+
+def _checked_labels(model, labels):
+    if labels is None:
+        return class_names(model)
+    classes = model.output_shape[-1]
+    if isinstance(labels, str) or len(labels) != classes or not all(
+            isinstance(name, str) and name and "\n" not in name for name in labels):
+        raise ExportError(f"`labels` must be {classes} class names, one per output, "
+                          f"each a non-empty line. Received: {str(labels)[:100]}")
+    return list(labels)
 
 
 def write_text(path, text):

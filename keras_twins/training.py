@@ -197,7 +197,7 @@ def build_model(model, classes, image_size, weights=None, drop_path_rate=0.0):
         return build(classes=classes)
     weights = weights if weights == "imagenet" else os.fspath(weights)
     if weights.endswith(".keras"):
-        source = _load_keras_model(weights)
+        source = load_keras_model(weights)
     else:
         try:
             return build(classes=classes, weights=weights)  # the same head size
@@ -212,7 +212,8 @@ def build_model(model, classes, image_size, weights=None, drop_path_rate=0.0):
     return classifier
 
 
-def _load_keras_model(path):
+def load_keras_model(path):
+    """`keras.models.load_model` without compiling; a bad file is one TrainingError line."""
     try:
         return keras.models.load_model(path, compile=False)
     except Exception as error:  # Keras raises several types for a bad file.
@@ -498,7 +499,7 @@ def evaluate(data, model_file, split="auto", batch_size=64, data_dir=None,
     model_file = os.fspath(model_file)
     if not os.path.isfile(model_file):
         raise TrainingError(f"{model_file}: no such model file")
-    model = _load_keras_model(model_file)
+    model = load_keras_model(model_file)
     if split == "auto":
         split = data_lib.default_validation_split(data, data_dir, manual_dir) or "train"
     evaluation = data_lib.load_split(data, split, data_dir, manual_dir)

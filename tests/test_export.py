@@ -18,6 +18,7 @@ from conftest import TINY_PCPVT
 from keras_twins.export import FLOAT_IN_MIXED_INT8
 from keras_twins.export import ExportError
 from keras_twins.export import SkippedImagesWarning
+from keras_twins.export import class_names
 from keras_twins.export import export
 from keras_twins.export import read_tflite_metadata
 from keras_twins.export import tflite_report
@@ -205,6 +206,8 @@ def test_int8_with_a_fixed_batch_of_three(calibration_images, tmp_path):
     (dict(image_size=(64, 96)), "takes 224x224 images"),
     (dict(image_size=(224, 224, 3)), "Received: image_size=(224, 224, 3)"),
     (dict(batch_size=2.5), "Received: batch_size=2.5"),
+    (dict(labels=["cat", "dog"]), "`labels` must be 10 class names"),
+    (dict(labels=[f"class\n{i}" for i in range(10)]), "each a non-empty line"),
 ])
 def test_bad_export_arguments_leave_no_file(kwargs, message, tmp_path):
     model = keras_twins.Twins(**TINY, classes=10)
@@ -213,6 +216,22 @@ def test_bad_export_arguments_leave_no_file(kwargs, message, tmp_path):
     assert os.listdir(tmp_path) == []
     with pytest.raises(ExportError, match="not writable|does not exist"):
         export(model, tmp_path / "missing" / "model.tflite")
+
+
+def test_class_names_come_from_the_training_run_of_a_keras_file(tmp_path):
+    model = keras_twins.Twins(**TINY, classes=3)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    assert class_names(model, run / "model.keras") == ["class_0", "class_1", "class_2"]
+    (run / "labels.txt").write_text("ant\nbee\ncow\n")
+    assert class_names(model, run / "model.keras") == ["ant", "bee", "cow"]
+    assert class_names(model, run / "checkpoints" / "best.keras") == ["ant", "bee", "cow"]
+    assert class_names(model) == ["class_0", "class_1", "class_2"]
+    # A labels.txt of another run (another class count) is not used.
+    (run / "labels.txt").write_text("ant\nbee\n")
+    assert class_names(model, run / "model.keras") == ["class_0", "class_1", "class_2"]
+    imagenet = keras_twins.Twins(**TINY)
+    assert class_names(imagenet)[:2] == [name for _, name in imagenet_classes()[:2]]
 
 
 def test_an_output_path_that_names_other_things_loses_nothing(tmp_path):

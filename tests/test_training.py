@@ -179,7 +179,7 @@ def test_a_killed_run_resumes_from_its_backup_and_finishes(tmp_path):
     assert "trained 2 epoch(s)" in resumed.stdout
 
 
-def test_cli_trains_a_compact_twins_on_the_digits_to_95_percent(tmp_path):
+def test_cli_trains_a_compact_twins_on_the_digits_to_95_percent(tmp_path, capfd):
     # With CPU streams on, as a CPU-only user would train: each batch of 32
     # runs as one slice per core.
     data = data_lib.write_digits_folder(tmp_path / "digits")
@@ -197,8 +197,9 @@ def test_cli_trains_a_compact_twins_on_the_digits_to_95_percent(tmp_path):
     rows = read_rows(output / "history.csv")
     assert len(rows) == 8
     best = max(float(row["val_accuracy"]) for row in rows)
-    print(f"\ndigits: validation accuracy {float(rows[-1]['val_accuracy']):.4f} "
-          f"(best {best:.4f}) after 8 epochs")
+    with capfd.disabled():
+        print(f"\ndigits: validation accuracy {float(rows[-1]['val_accuracy']):.4f} "
+              f"(best {best:.4f}) after 8 epochs")
     assert float(rows[-1]["val_accuracy"]) >= 0.95
     for name in ("model.keras", "training.png", "labels.txt", "run.json",
                  "checkpoints/best.keras", "checkpoints/last.keras"):
@@ -214,6 +215,30 @@ def test_cli_trains_a_compact_twins_on_the_digits_to_95_percent(tmp_path):
     metrics = json.loads(evaluated.stdout)
     assert metrics["examples"] == 359
     assert abs(metrics["accuracy"] - float(rows[-1]["val_accuracy"])) < 1e-6
+
+    # The trained model.keras goes on to predict and export through the
+    # command, named by the run's labels.txt (both took only a variant name
+    # or a CONFIG.json, and exported labels were class_0, class_1, ...).
+    images = sorted(pathlib.Path(data, "validation").glob("*/*.png"))
+    code, out, err = run_cli(capfd, "predict", "--model", output / "model.keras",
+                             "--top", "1", "--json", *images)
+    assert code == 0, err
+    predicted = [entry["predictions"][0]["label"] for entry in json.loads(out)]
+    correct = sum(p == image.parent.name for p, image in zip(predicted, images))
+    with capfd.disabled():
+        print(f"digits: predict (Pillow's resize) top-1 {correct / len(images):.4f}")
+    # Pillow's resize and crop for predict, TensorFlow's for evaluate: the same
+    # geometry (a pixel off in the crop cost predict 9 points here).
+    assert abs(correct / len(images) - metrics["accuracy"]) <= 0.01, predicted
+    code, out, err = run_cli(capfd, "export", "--model", output / "model.keras",
+                             "--format", "tflite", "--output", tmp_path / "digits.tflite")
+    assert code == 0, err
+    assert "input 1x32x32x3" in out
+    assert (tmp_path / "labels.txt").read_text() == (output / "labels.txt").read_text()
+    code, out, err = run_cli(capfd, "export", "--model", output / "model.keras",
+                             "--weights", "imagenet", "--format", "onnx",
+                             "--output", tmp_path / "digits.onnx")
+    assert code == 1 and "a .keras model holds its own weights" in err
 
 
 @pytest.mark.parametrize("precision, jit_compile", [("float16", False), ("bfloat16", True)])
