@@ -398,19 +398,26 @@ def class_names(model, model_file=None):
     from keras_twins.imagenet import imagenet_classes
 
     classes = model.output_shape[-1]
-    if model_file is not None:
-        folder = os.path.dirname(os.path.abspath(model_file))
-        for candidate in (folder, os.path.dirname(folder)):
-            try:
-                with open(os.path.join(candidate, "labels.txt"), encoding="utf-8") as f:
-                    names = f.read().splitlines()
-            except (OSError, UnicodeDecodeError):
-                continue
-            if len(names) == classes and all(names):
-                return names
+    names = run_labels(model_file, classes) if model_file is not None else None
+    if names is not None:
+        return names
     if classes == 1000:
         return [name for _, name in imagenet_classes()]
     return [f"class_{i}" for i in range(classes)]
+
+
+def run_labels(model_file, classes):
+    """The `labels.txt` beside `model_file` or one folder up, if it names `classes` classes."""
+    folder = os.path.dirname(os.path.abspath(model_file))
+    for candidate in (folder, os.path.dirname(folder)):
+        try:
+            with open(os.path.join(candidate, "labels.txt"), encoding="utf-8") as f:
+                names = f.read().splitlines()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if len(names) == classes and all(names):
+            return names
+    return None
 
 
 def _checked_labels(model, labels):

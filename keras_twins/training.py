@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from keras_twins import data as data_lib
 from keras_twins import variants
+from keras_twins.export import run_labels
 from keras_twins.export import write_text
 from keras_twins.layers import PositionalEncodingGenerator
 
@@ -510,6 +511,15 @@ def evaluate(data, model_file, split="auto", batch_size=64, data_dir=None,
     if classes != len(evaluation.class_names):
         raise TrainingError(f"the model has {classes} classes, the {split} split "
                             f"{len(evaluation.class_names)}")
+    trained_on = run_labels(model_file, classes)
+    if trained_on is not None and trained_on != evaluation.class_names:
+        # Same count, other names or order: every label would be scored wrong.
+        differ = next(i for i, (a, b) in enumerate(zip(trained_on, evaluation.class_names))
+                      if a != b)
+        raise TrainingError(
+            f"the {split} split's classes are not the ones the model was trained on "
+            f"(labels.txt): label {differ} is {evaluation.class_names[differ]!r} in the "
+            f"split and {trained_on[differ]!r} in the model")
     model.compile(loss=keras.losses.CategoricalCrossentropy(),
                   metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
                            keras.metrics.TopKCategoricalAccuracy(k=min(5, classes),

@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -239,6 +240,14 @@ def test_cli_trains_a_compact_twins_on_the_digits_to_95_percent(tmp_path, capfd)
                              "--weights", "imagenet", "--format", "onnx",
                              "--output", tmp_path / "digits.onnx")
     assert code == 1 and "a .keras model holds its own weights" in err
+    # A model whose run named its classes otherwise is not scored on this split.
+    other = tmp_path / "other_run"
+    other.mkdir()
+    shutil.copy(output / "model.keras", other / "model.keras")
+    (other / "labels.txt").write_text("".join(f"{name}\n" for name in "0123456798"))
+    code, out, err = run_cli(capfd, "evaluate", "--data", data, "--model-file",
+                             other / "model.keras")
+    assert code == 1 and "label 8 is '8' in the split and '9' in the model" in err, err
 
 
 @pytest.mark.parametrize("precision, jit_compile", [("float16", False), ("bfloat16", True)])
