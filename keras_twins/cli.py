@@ -163,6 +163,9 @@ def _predict(args):
             model = _model(args.model, args.weights)
     except (ValueError, WeightsDownloadError) as error:
         raise CommandError(_one_line(error)) from None
+    if len(model.output_shape) != 2:
+        raise CommandError(f"{args.model}: not an image classifier (its output has shape "
+                           f"{model.output_shape}, not (batch, classes))")
     # A model trained at another size (a .keras file) gets its own size.
     size = tuple(model.input_shape[1:3])
     size = variants.DEFAULT_IMAGE_SIZE if None in size else size
@@ -204,7 +207,8 @@ def _model(model, weights):
     """The model named by `--model` with `--weights`, taking any input size.
 
     `model` is a variant name or a JSON file of `keras_twins.Twins` keyword
-    arguments; a PyTorch checkpoint brings its own head size.
+    arguments; a PyTorch checkpoint brings its own head size. A `.keras`
+    file (from `keras-twins train`) is loaded as it is, with its own size.
     """
     import keras_twins
     from weights_convert import build_model_for

@@ -20,6 +20,7 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import TINY
+import keras_twins
 from keras_twins import cli
 from keras_twins import data as data_lib
 from keras_twins import training
@@ -399,6 +400,15 @@ def test_bad_settings_and_model_files_give_one_line_errors(tmp_path, capfd):
         code, _, err = run_cli(capfd, "evaluate", "--data", data, "--model-file", model_file)
         assert code == 1 and err.strip().splitlines() == [err.strip()], err
         assert message in err, err
+        code, _, err = run_cli(capfd, "predict", "--model", model_file, data / "train" /
+                               "circle" / "0.png")
+        assert code == 1 and err.strip().splitlines() == [err.strip()], err
+        assert message in err, err
+    keras_twins.Twins(**TINY, include_top=False, input_shape=(32, 32, 3)).save(
+        tmp_path / "features.keras")
+    code, _, err = run_cli(capfd, "predict", "--model", tmp_path / "features.keras",
+                           data / "train" / "circle" / "0.png")
+    assert code == 1 and "not an image classifier" in err, err
 
 
 @pytest.mark.parametrize("damage, message", [
