@@ -353,7 +353,7 @@ def _calibration(folder, spec, limit=200):
         # the last one filled up from the first files.
         for start in range(0, len(files), batch):
             paths = [files[(start + i) % len(files)] for i in range(batch)]
-            yield [np.stack([load_image(path, image_size=max(height, width))[:height, :width]
+            yield [np.stack([load_image(path, (height, width))
                              for path in paths]).astype(np.float32)]
 
     return samples
