@@ -32,6 +32,13 @@ class CommandError(Exception):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["convert"]:
+        # The converter parses its own arguments: argparse's REMAINDER would
+        # not pass it a leading --help or -h.
+        from weights_convert.__main__ import main as convert_main
+
+        return convert_main(argv[1:], prog="keras-twins convert")
     parser = argparse.ArgumentParser(
         prog="keras-twins", description="Twins vision transformers for Keras 3."
     )
@@ -47,11 +54,8 @@ def main(argv=None):
     predict.add_argument("--top", type=int, default=5, help="classes per image")
     predict.add_argument("--json", action="store_true", help="print JSON")
 
-    convert = commands.add_parser(
-        "convert", help="convert a timm / official checkpoint to .weights.h5",
-        add_help=False,
-    )
-    convert.add_argument("arguments", nargs=argparse.REMAINDER)
+    # Listed for --help; main() hands `convert ...` to the converter first.
+    commands.add_parser("convert", help="convert a timm / official checkpoint to .weights.h5")
 
     export = commands.add_parser("export", help="export to TFLite, ONNX or SavedModel")
     export.add_argument("--model", default="twins_svt_small",
@@ -123,10 +127,6 @@ def main(argv=None):
     commands.add_parser("info", help="variants, sizes and cached weights")
 
     args = parser.parse_args(argv)
-    if args.command == "convert":
-        from weights_convert.__main__ import main as convert_main
-
-        return convert_main(args.arguments)
     try:
         with quiet_library_chatter():
             if args.command == "predict":

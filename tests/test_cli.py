@@ -126,3 +126,15 @@ def test_convert_subcommand(checkpoint, photos, tmp_path):
     assert_clean_failure(keras_twins_cli("predict", photos[0], "--model", "twins_pcpvt_small",
                                          "--weights", output), "svt.weights.h5",
                          "twins_pcpvt_small")
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_convert_help_is_the_converters_under_the_commands_name(flag, capsys):
+    """argparse's REMAINDER did not pass a leading --help on: "unrecognized arguments"."""
+    from keras_twins import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["convert", flag])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: keras-twins convert") and "--variant" in out, out

@@ -4,9 +4,9 @@ import argparse
 import sys
 
 
-def main(argv=None):
+def main(argv=None, prog="python -m weights_convert"):
     parser = argparse.ArgumentParser(
-        prog="python -m weights_convert",
+        prog=prog,
         description="Convert a timm or official Twins checkpoint (.safetensors, "
         ".pth, .pt, .bin) into a keras_twins .weights.h5 file.",
     )
