@@ -433,8 +433,8 @@ def _checked_labels(model, labels):
 
 def write_text(path, text):
     """Writes `text` to a temporary file beside `path`, then renames it onto `path`."""
-    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False,
-                                     prefix=".partial-", suffix=".txt") as f:
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=os.path.dirname(path),
+                                     delete=False, prefix=".partial-", suffix=".txt") as f:
         f.write(text)
     os.replace(f.name, path)
 
