@@ -75,6 +75,10 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
     Returns:
         The path written.
     """
+    if not isinstance(model, keras.Model):
+        raise ExportError(f"`model` must be a Keras model. Received: {type(model).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise ExportError(f"`path` must be a file or folder path. Received: path={path!r}")
     path = os.path.normpath(os.fspath(path))
     _check_choice("format", format, FORMATS)
     _check_choice("quantize", quantize, QUANTIZATIONS)

@@ -23,6 +23,7 @@ def load_image(path, image_size=variants.DEFAULT_IMAGE_SIZE, crop_pct=variants.C
         from PIL import Image
     except ImportError:
         raise ImportError("Loading images needs Pillow: pip install pillow") from None
+    crop_height, crop_width = _crop_size(image_size)
     with Image.open(path) as image:
         if image.mode.startswith("I;16"):
             # 16-bit grayscale (PNG): Pillow's convert("RGB") clips at 255, so
@@ -30,8 +31,6 @@ def load_image(path, image_size=variants.DEFAULT_IMAGE_SIZE, crop_pct=variants.C
             # TensorFlow's decoder does for the training and evaluation data.
             image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
         image = image.convert("RGB")
-        crop_height, crop_width = (tuple(image_size) if np.ndim(image_size)
-                                   else (image_size, image_size))
         width, height = image.size
         if crop_height == crop_width:
             short = int(crop_height / crop_pct)
@@ -48,3 +47,13 @@ def load_image(path, image_size=variants.DEFAULT_IMAGE_SIZE, crop_pct=variants.C
         top = int(round((size[1] - crop_height) / 2.0))
         image = image.crop((left, top, left + crop_width, top + crop_height))
         return np.asarray(image, dtype=np.float32)
+
+
+def _crop_size(image_size):
+    """`(height, width)` from an int or a pair, each a whole number of at least 1."""
+    size = tuple(image_size) if np.ndim(image_size) else (image_size, image_size)
+    if len(size) != 2 or not all(isinstance(side, (int, np.integer))
+                                 and not isinstance(side, bool) and side >= 1 for side in size):
+        raise ValueError("`image_size` must be a whole number of pixels or (height, width). "
+                         f"Received: image_size={image_size!r}")
+    return size

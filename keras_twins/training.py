@@ -22,6 +22,7 @@ A run writes into its output folder:
 import csv
 import dataclasses
 import json
+import numbers
 import os
 import shutil
 import tempfile
@@ -390,9 +391,18 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
             that names it.
     """
     image_size = _image_size(image_size)
-    if epochs < 1 or batch_size < 1:
-        raise TrainingError(f"epochs and batch_size must be at least 1. Received: "
-                            f"epochs={epochs}, batch_size={batch_size}")
+    if not isinstance(data, (str, os.PathLike)):
+        raise TrainingError("`data` must be 'tfds:NAME' or the path of an image folder. "
+                            f"Received: data={data!r}")
+    if not isinstance(output, (str, os.PathLike)):
+        raise TrainingError(f"`output` must be a folder path. Received: output={output!r}")
+    if weights is not None and not isinstance(weights, (str, os.PathLike)):
+        raise TrainingError("`weights` must be None, 'imagenet' or a path. "
+                            f"Received: weights={weights!r}")
+    if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1
+               for n in (epochs, batch_size)):
+        raise TrainingError(f"epochs and batch_size must be whole numbers of at least 1. "
+                            f"Received: epochs={epochs!r}, batch_size={batch_size!r}")
     if mixed_precision not in MIXED_PRECISION:
         raise TrainingError("mixed_precision must be None, 'float16' or 'bfloat16'. "
                             f"Received: mixed_precision={mixed_precision!r}")

@@ -234,6 +234,15 @@ def test_class_names_come_from_the_training_run_of_a_keras_file(tmp_path):
     assert class_names(imagenet)[:2] == [name for _, name in imagenet_classes()[:2]]
 
 
+def test_a_bad_model_or_path_is_named(tmp_path):
+    """A TypeError from os.fspath and an AttributeError from inside before."""
+    with pytest.raises(ExportError, match="Received: path=None"):
+        export(keras_twins.Twins(**TINY, classes=10), None)
+    with pytest.raises(ExportError, match="must be a Keras model. Received: str"):
+        export("model.keras", tmp_path / "model.tflite")
+    assert os.listdir(tmp_path) == []
+
+
 def test_an_output_path_that_names_other_things_loses_nothing(tmp_path):
     """A folder is replaced only by a SavedModel, and only an empty one or a SavedModel."""
     import tensorflow as tf

@@ -1,6 +1,7 @@
 """Class names, decode_predictions, preprocess_input and the evaluation image loader."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -110,3 +111,11 @@ def test_a_16_bit_grayscale_png_loads_as_its_8_bit_image(tmp_path):
     # The training and evaluation pipelines decode with TensorFlow: the same pixels.
     decoded = tf.io.decode_png(tf.io.read_file(str(tmp_path / "gray16.png")), channels=3)
     np.testing.assert_array_equal(decoded.numpy()[..., 0], high)
+
+
+@pytest.mark.parametrize("size", [0, (224, 224, 3), 22.5, (0, 10)])
+def test_load_image_names_a_bad_size(size, tmp_path):
+    """PIL's "height and width must be > 0" or an unpacking error before."""
+    china("RGB", (40, 30)).save(tmp_path / "image.png")
+    with pytest.raises(ValueError, match=re.escape(f"Received: image_size={size!r}")):
+        keras_twins.load_image(tmp_path / "image.png", size)

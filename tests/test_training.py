@@ -371,6 +371,21 @@ def test_training_pipeline_shapes_labels_and_mixing(tmp_path):
         assert pipeline.options().autotune.initial_parallelism == len(os.sched_getaffinity(0))
 
 
+@pytest.mark.parametrize("change, message", [
+    (dict(data=123), "Received: data=123"),
+    (dict(output=None), "Received: output=None"),
+    (dict(weights=3), "Received: weights=3"),
+    (dict(epochs="3"), "Received: epochs='3'"),
+    (dict(batch_size=2.5), "batch_size=2.5"),
+])
+def test_python_train_names_a_bad_argument(change, message, tmp_path):
+    """Each was a TypeError from os.fspath or a comparison inside train()."""
+    arguments = dict(data=str(tmp_path), output=str(tmp_path / "run"), epochs=1)
+    with pytest.raises(training.TrainingError, match=re.escape(message)):
+        training.train(model=TINY_LIST, **{**arguments, **change})
+    assert not (tmp_path / "run").exists()
+
+
 def run_cli(capfd, *args):
     code = cli.main(list(map(str, args)))
     captured = capfd.readouterr()
