@@ -394,8 +394,7 @@ def class_names(model, model_file=None):
     """The names of a classifier's outputs.
 
     With `model_file` (a `.keras` file written by `keras_twins.train`), the
-    `labels.txt` of its run: beside it (`model.keras`) or one folder up
-    (`checkpoints/best.keras`), if it has one name per output. Otherwise
+    `labels.txt` of its run (`run_labels`). Otherwise
     ImageNet's names for 1000 outputs, and `class_0`, `class_1`, ... for
     any other number.
     """
@@ -411,17 +410,24 @@ def class_names(model, model_file=None):
 
 
 def run_labels(model_file, classes):
-    """The `labels.txt` beside `model_file` or one folder up, if it names `classes` classes."""
+    """The class names of the training run `model_file` belongs to, or None.
+
+    A run folder (`keras_twins.train`'s output) holds `run.json` and
+    `labels.txt`, the model as `model.keras` and its checkpoints in
+    `checkpoints/`. The names count only if there is one per output: a
+    `labels.txt` outside a run folder (an export's, say) is not a run's.
+    """
     folder = os.path.dirname(os.path.abspath(model_file))
-    for candidate in (folder, os.path.dirname(folder)):
-        try:
-            with open(os.path.join(candidate, "labels.txt"), encoding="utf-8") as f:
-                names = f.read().splitlines()
-        except (OSError, UnicodeDecodeError):
-            continue
-        if len(names) == classes and all(names):
-            return names
-    return None
+    if os.path.basename(folder) == "checkpoints":
+        folder = os.path.dirname(folder)
+    if not os.path.isfile(os.path.join(folder, "run.json")):
+        return None
+    try:
+        with open(os.path.join(folder, "labels.txt"), encoding="utf-8") as f:
+            names = f.read().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return names if len(names) == classes and all(names) else None
 
 
 def _checked_labels(model, labels):

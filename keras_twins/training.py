@@ -507,6 +507,12 @@ def evaluate(data, model_file, split="auto", batch_size=64, data_dir=None,
 
     The split is resized and center-cropped to the model's input size.
     """
+    if not isinstance(model_file, (str, os.PathLike)):
+        raise TrainingError(f"`model_file` must be a path. Received: model_file={model_file!r}")
+    if not (isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool)
+            and batch_size >= 1):
+        raise TrainingError("batch_size must be a whole number of at least 1. "
+                            f"Received: batch_size={batch_size!r}")
     model_file = os.fspath(model_file)
     if not os.path.isfile(model_file):
         raise TrainingError(f"{model_file}: no such model file")

@@ -224,9 +224,15 @@ def test_class_names_come_from_the_training_run_of_a_keras_file(tmp_path):
     (run / "checkpoints").mkdir(parents=True)
     assert class_names(model, run / "model.keras") == ["class_0", "class_1", "class_2"]
     (run / "labels.txt").write_text("ant\nbee\ncow\n")
+    # Not a run folder without run.json: an export writes labels.txt too.
+    assert class_names(model, run / "model.keras") == ["class_0", "class_1", "class_2"]
+    (run / "run.json").write_text("{}")
     assert class_names(model, run / "model.keras") == ["ant", "bee", "cow"]
     assert class_names(model, run / "checkpoints" / "best.keras") == ["ant", "bee", "cow"]
     assert class_names(model) == ["class_0", "class_1", "class_2"]
+    # A labels.txt one folder up is not the run's, but for checkpoints/.
+    (run / "other").mkdir()
+    assert class_names(model, run / "other" / "m.keras") == ["class_0", "class_1", "class_2"]
     # A labels.txt of another run (another class count) is not used.
     (run / "labels.txt").write_text("ant\nbee\n")
     assert class_names(model, run / "model.keras") == ["class_0", "class_1", "class_2"]

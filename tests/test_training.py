@@ -244,7 +244,8 @@ def test_cli_trains_a_compact_twins_on_the_digits_to_95_percent(tmp_path, capfd)
     # A model whose run named its classes otherwise is not scored on this split.
     other = tmp_path / "other_run"
     other.mkdir()
-    shutil.copy(output / "model.keras", other / "model.keras")
+    for name in ("model.keras", "run.json"):
+        shutil.copy(output / name, other / name)
     (other / "labels.txt").write_text("".join(f"{name}\n" for name in "0123456798"))
     code, out, err = run_cli(capfd, "evaluate", "--data", data, "--model-file",
                              other / "model.keras")
@@ -410,6 +411,9 @@ def test_bad_settings_and_model_files_give_one_line_errors(tmp_path, capfd):
         assert message in err, err
         assert not (tmp_path / "run").exists()
     (tmp_path / "broken.keras").write_bytes(b"PK not a model")
+    code, _, err = run_cli(capfd, "evaluate", "--data", data, "--model-file",
+                           tmp_path / "missing.keras", "--batch-size", "0")
+    assert code == 1 and "Received: batch_size=0" in err, err  # a TensorFlow traceback before
     for model_file, message in [(tmp_path / "missing.keras", "no such model file"),
                                 (tmp_path / "broken.keras", "not a loadable Keras model")]:
         code, _, err = run_cli(capfd, "evaluate", "--data", data, "--model-file", model_file)
