@@ -22,6 +22,7 @@ A run writes into its output folder:
 import csv
 import dataclasses
 import json
+import math
 import numbers
 import os
 import shutil
@@ -214,6 +215,21 @@ def build_model(model, classes, image_size, weights=None, drop_path_rate=0.0):
     return classifier
 
 
+def _check_recipe(**settings):
+    """Finite numbers in range: a negative rate or weight decay would train without a word."""
+    ranges = dict(learning_rate=("> 0", lambda v: v > 0), weight_decay=(">= 0", lambda v: v >= 0),
+                  warmup_epochs=(">= 0", lambda v: v >= 0),
+                  label_smoothing=("in [0, 1)", lambda v: 0 <= v < 1),
+                  clipnorm=("> 0", lambda v: v > 0))
+    for name, value in settings.items():
+        if value is None and name in ("learning_rate", "clipnorm"):
+            continue  # the default rate; no clipping
+        text, fits = ranges[name]
+        if not (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                and math.isfinite(value) and fits(value)):
+            raise TrainingError(f"{name} must be a number {text}. Received: {name}={value!r}")
+
+
 def load_keras_model(path):
     """`keras.models.load_model` without compiling; a bad file is one TrainingError line."""
     try:
@@ -403,6 +419,9 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
                for n in (epochs, batch_size)):
         raise TrainingError(f"epochs and batch_size must be whole numbers of at least 1. "
                             f"Received: epochs={epochs!r}, batch_size={batch_size!r}")
+    _check_recipe(learning_rate=learning_rate, weight_decay=weight_decay,
+                  warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
+                  clipnorm=clipnorm)
     if mixed_precision not in MIXED_PRECISION:
         raise TrainingError("mixed_precision must be None, 'float16' or 'bfloat16'. "
                             f"Received: mixed_precision={mixed_precision!r}")

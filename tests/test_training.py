@@ -378,6 +378,12 @@ def test_training_pipeline_shapes_labels_and_mixing(tmp_path):
     (dict(weights=3), "Received: weights=3"),
     (dict(epochs="3"), "Received: epochs='3'"),
     (dict(batch_size=2.5), "batch_size=2.5"),
+    # Each of these trained without a word.
+    (dict(learning_rate=-1e-3), "learning_rate must be a number > 0"),
+    (dict(weight_decay=-0.05), "Received: weight_decay=-0.05"),
+    (dict(warmup_epochs=-1), "Received: warmup_epochs=-1"),
+    (dict(label_smoothing=1.5), "label_smoothing must be a number in [0, 1)"),
+    (dict(clipnorm=float("nan")), "Received: clipnorm=nan"),
 ])
 def test_python_train_names_a_bad_argument(change, message, tmp_path):
     """Each was a TypeError from os.fspath or a comparison inside train()."""
@@ -405,7 +411,8 @@ def test_bad_settings_and_model_files_give_one_line_errors(tmp_path, capfd):
                           (["--mixed-precision", "int4"], "mixed_precision"),
                           (["--augment", "strong"], "Received: augment='strong'"),
                           (["--image-size", "16"], "at least 32"),
-                          (["--backup-freq", "often"], "--backup-freq")]:
+                          (["--backup-freq", "often"], "--backup-freq"),
+                          (["--learning-rate", "-0.1"], "Received: learning_rate=-0.1")]:
         code, _, err = cli_train(capfd, data, tmp_path / "run", *more)
         assert code == 1 and err.strip().splitlines() == [err.strip()], err
         assert message in err, err
