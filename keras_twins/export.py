@@ -180,11 +180,21 @@ def _check_representative_data(folder):
 
 
 def _image_files(folder):
-    files = []
-    for root, _, names in os.walk(folder):
-        files += [os.path.join(root, n) for n in sorted(names)
-                  if n.lower().endswith(IMAGE_SUFFIXES)]
-    return sorted(files)
+    """The folder's images, its sub-folders (classes) taking turns.
+
+    Round-robin, so that the first files are spread over every class: the
+    sorted list put a whole calibration sample in the first few classes of
+    a `validation/LABEL/` folder. Hidden folders are skipped, as in training.
+    """
+    groups = []
+    for root, folders, names in os.walk(folder):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        files = [os.path.join(root, n) for n in sorted(names)
+                 if n.lower().endswith(IMAGE_SUFFIXES)]
+        if files:
+            groups.append(files)
+    longest = max((len(files) for files in groups), default=0)
+    return [files[i] for i in range(longest) for files in groups if i < len(files)]
 
 
 def export_size(model, image_size):

@@ -9,6 +9,7 @@ import sys
 
 import keras
 import numpy as np
+import tensorflow as tf
 import pytest
 from PIL import Image
 
@@ -304,3 +305,21 @@ def test_cli_export_writes_a_file_and_reports(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error:") and named in lines[0], lines
         assert not (tmp_path / "bad.tflite").exists()
     assert config.exists() and output.exists()
+
+
+def test_calibration_draws_from_every_class_folder(tmp_path):
+    """The first `limit` sorted files came from the first classes only."""
+    from keras_twins.export import _calibration
+
+    colors = {"a": (255, 0, 0), "b": (0, 255, 0), "c": (0, 0, 255)}
+    for label, color in colors.items():
+        (tmp_path / label).mkdir()
+        for i in range(10):
+            Image.new("RGB", (40, 40), color).save(tmp_path / label / f"{i}.png")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (40, 40), (9, 9, 9)).save(tmp_path / ".ipynb_checkpoints" / "x.png")
+    spec = tf.TensorSpec((1, 32, 32, 3), tf.float32)
+    drawn = [tuple(batch[0][0, 16, 16].astype(int)) for batch in
+             _calibration(tmp_path, spec, limit=6)()]
+    assert len(drawn) == 6
+    assert sorted(set(drawn)) == sorted(colors.values())
