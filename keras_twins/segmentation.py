@@ -4,6 +4,8 @@ Reference: Kirillov et al., "Panoptic Feature Pyramid Networks", CVPR 2019
 (the semantic branch), as the Twins paper uses it for ADE20K (Table 2).
 """
 
+import numbers
+
 import keras
 import numpy as np
 from keras import ops
@@ -69,8 +71,10 @@ def SemanticFPN(backbone, num_classes, fpn_channels=256, head_channels=128,
         logits `(batch, H, W, num_classes)`. Train it with
         `compile_for_segmentation`, on `(image, mask)` pairs.
     """
-    if num_classes < 1:
-        raise ValueError(f"`num_classes` must be at least 1. Received: num_classes={num_classes}")
+    if not (isinstance(num_classes, numbers.Integral) and not isinstance(num_classes, bool)
+            and num_classes >= 1):
+        raise ValueError("`num_classes` must be a whole number of at least 1. "
+                         f"Received: num_classes={num_classes!r}")
     pyramid = pyramid_outputs(backbone)
     levels = sorted(pyramid)  # "P2" (finest) .. "P5"
     features = [pyramid[level] for level in levels]

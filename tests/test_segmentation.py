@@ -32,8 +32,9 @@ def test_logits_have_the_input_size(config, size):
 
 def test_bad_arguments_get_clear_errors():
     backbone = keras_twins.Twins(**TINY, include_top=False, input_shape=(64, 64, 3))
-    with pytest.raises(ValueError, match="num_classes"):
-        SemanticFPN(backbone, num_classes=0)
+    for bad in (0, "3", 2.5):  # "3" was a TypeError from a comparison
+        with pytest.raises(ValueError, match=f"Received: num_classes={bad!r}"):
+            SemanticFPN(backbone, num_classes=bad)
     other = keras.Sequential([keras.Input((64, 64, 3)), keras.layers.Conv2D(4, 3, name="c")])
     with pytest.raises(ValueError, match="not a Twins model"):
         SemanticFPN(other, num_classes=3)
