@@ -8,7 +8,6 @@ or logits. `labels.txt` is written beside the exported model.
 
 import contextlib
 import json
-import numbers
 import os
 import shutil
 import tempfile
@@ -18,6 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_twins.checks import is_whole
 from keras_twins.data import IMAGE_SUFFIXES
 from keras_twins.layers.attention import products_as_fully_connected
 
@@ -93,7 +93,7 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
         raise ExportError(f"{path}: the output directory does not exist or is not writable")
     _check_replaceable(path, format)
     height, width = export_size(model, image_size)
-    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool):
+    if not is_whole(batch_size):
         raise ExportError("`batch_size` must be a whole number. "
                           f"Received: batch_size={batch_size!r}")
     if min(height, width) < 32 or batch_size < 1:

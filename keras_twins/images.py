@@ -3,6 +3,7 @@
 import numpy as np
 
 from keras_twins import variants
+from keras_twins.checks import is_whole
 
 
 def load_image(path, image_size=variants.DEFAULT_IMAGE_SIZE, crop_pct=variants.CROP_PCT):
@@ -52,8 +53,7 @@ def load_image(path, image_size=variants.DEFAULT_IMAGE_SIZE, crop_pct=variants.C
 def _crop_size(image_size):
     """`(height, width)` from an int or a pair, each a whole number of at least 1."""
     size = tuple(image_size) if np.ndim(image_size) else (image_size, image_size)
-    if len(size) != 2 or not all(isinstance(side, (int, np.integer))
-                                 and not isinstance(side, bool) and side >= 1 for side in size):
+    if len(size) != 2 or not all(is_whole(side, least=1) for side in size):
         raise ValueError("`image_size` must be a whole number of pixels or (height, width). "
                          f"Received: image_size={image_size!r}")
     return size

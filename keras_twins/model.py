@@ -14,6 +14,7 @@ import numpy as np
 
 from keras_twins import cpu_streams
 from keras_twins import variants
+from keras_twins.checks import is_whole
 from keras_twins.layers import LayerNorm
 from keras_twins.layers import PatchEmbedding
 from keras_twins.layers import PositionalEncodingGenerator
@@ -217,10 +218,6 @@ def pyramid_outputs(model):
 
 def _validate_architecture(per_stage, patch_size, drop_path_rate, include_top, classes):
     """keras.applications-style errors for sizes that would fail deep inside a layer."""
-    def whole(value, least):
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool) and (
-            value >= least)
-
     num_stages = None
     for arg, values in per_stage.items():
         if values is None and arg == "window_sizes":
@@ -237,7 +234,7 @@ def _validate_architecture(per_stage, patch_size, drop_path_rate, include_top, c
                        and int(d * r) >= 1 for d, r in zip(per_stage["embed_dims"], values))
             kind = "positive numbers (at least one hidden channel)"
         else:
-            fits = all(whole(v, 0 if arg == "depths" else 1) for v in values)
+            fits = all(is_whole(v, 0 if arg == "depths" else 1) for v in values)
             kind = "whole numbers of at least " + ("0" if arg == "depths" else "1")
         if not fits:
             raise ValueError(f"`{arg}` must be {kind}. Received: {arg}={values!r}")
@@ -246,13 +243,13 @@ def _validate_architecture(per_stage, patch_size, drop_path_rate, include_top, c
             raise ValueError("Each of `embed_dims` must be a multiple of its `num_heads`. "
                              f"Received: embed_dims={per_stage['embed_dims']!r}, "
                              f"num_heads={per_stage['num_heads']!r}")
-    if not whole(patch_size, 1):
+    if not is_whole(patch_size, 1):
         raise ValueError(f"`patch_size` must be a whole number of at least 1. "
                          f"Received: patch_size={patch_size!r}")
     if not (isinstance(drop_path_rate, numbers.Real) and 0 <= drop_path_rate < 1):
         raise ValueError(f"`drop_path_rate` must be in [0, 1). "
                          f"Received: drop_path_rate={drop_path_rate!r}")
-    if include_top and not whole(classes, 1):
+    if include_top and not is_whole(classes, 1):
         raise ValueError(f"`classes` must be a whole number of at least 1. "
                          f"Received: classes={classes!r}")
 
@@ -300,7 +297,7 @@ def _input_shape(input_shape, input_tensor, include_top):
             "`input_shape` must be (height, width, channels). "
             f"Received: input_shape={input_shape}"
         )
-    if not all(side is None or isinstance(side, numbers.Integral) for side in input_shape):
+    if not all(side is None or is_whole(side) for side in input_shape):
         raise ValueError(
             "`input_shape` must hold whole numbers (or None for any size). "
             f"Received: input_shape={input_shape}"

@@ -4,12 +4,11 @@ Reference: Kirillov et al., "Panoptic Feature Pyramid Networks", CVPR 2019
 (the semantic branch), as the Twins paper uses it for ADE20K (Table 2).
 """
 
-import numbers
-
 import keras
 import numpy as np
 from keras import ops
 
+from keras_twins.checks import is_whole
 from keras_twins.layers.registration import register
 from keras_twins.model import pyramid_outputs
 
@@ -71,8 +70,7 @@ def SemanticFPN(backbone, num_classes, fpn_channels=256, head_channels=128,
         logits `(batch, H, W, num_classes)`. Train it with
         `compile_for_segmentation`, on `(image, mask)` pairs.
     """
-    if not (isinstance(num_classes, numbers.Integral) and not isinstance(num_classes, bool)
-            and num_classes >= 1):
+    if not is_whole(num_classes, least=1):
         raise ValueError("`num_classes` must be a whole number of at least 1. "
                          f"Received: num_classes={num_classes!r}")
     pyramid = pyramid_outputs(backbone)

@@ -33,6 +33,7 @@ import tensorflow as tf
 
 from keras_twins import data as data_lib
 from keras_twins import variants
+from keras_twins.checks import is_whole
 from keras_twins.export import run_labels
 from keras_twins.export import write_text
 from keras_twins.layers import PositionalEncodingGenerator
@@ -415,8 +416,7 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
     if weights is not None and not isinstance(weights, (str, os.PathLike)):
         raise TrainingError("`weights` must be None, 'imagenet' or a path. "
                             f"Received: weights={weights!r}")
-    if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1
-               for n in (epochs, batch_size)):
+    if not (is_whole(epochs, least=1) and is_whole(batch_size, least=1)):
         raise TrainingError(f"epochs and batch_size must be whole numbers of at least 1. "
                             f"Received: epochs={epochs!r}, batch_size={batch_size!r}")
     _check_recipe(learning_rate=learning_rate, weight_decay=weight_decay,
@@ -528,8 +528,7 @@ def evaluate(data, model_file, split="auto", batch_size=64, data_dir=None,
     """
     if not isinstance(model_file, (str, os.PathLike)):
         raise TrainingError(f"`model_file` must be a path. Received: model_file={model_file!r}")
-    if not (isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool)
-            and batch_size >= 1):
+    if not is_whole(batch_size, least=1):
         raise TrainingError("batch_size must be a whole number of at least 1. "
                             f"Received: batch_size={batch_size!r}")
     model_file = os.fspath(model_file)
