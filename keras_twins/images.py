@@ -25,29 +25,41 @@ def load_image(path, image_size=variants.DEFAULT_IMAGE_SIZE, crop_pct=variants.C
     except ImportError:
         raise ImportError("Loading images needs Pillow: pip install pillow") from None
     crop_height, crop_width = _crop_size(image_size)
-    with Image.open(path) as image:
-        if image.mode.startswith("I;16"):
-            # 16-bit grayscale (PNG): Pillow's convert("RGB") clips at 255, so
-            # nearly every pixel turned white. Keep the high byte, as
-            # TensorFlow's decoder does for the training and evaluation data.
-            image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
-        image = image.convert("RGB")
-        width, height = image.size
-        if crop_height == crop_width:
-            short = int(crop_height / crop_pct)
-            # torchvision's Resize(int): the shorter side to `short`, truncating the other.
-            if width <= height:
-                size = (short, int(short * height / width))
-            else:
-                size = (int(short * width / height), short)
+    try:
+        with Image.open(path) as image:
+            return _evaluation_crop(image, crop_height, crop_width, crop_pct)
+    except Image.DecompressionBombError as error:
+        # Not an OSError, which callers that skip unreadable files catch.
+        raise ValueError(f"{path}: {error} Raise PIL.Image.MAX_IMAGE_PIXELS to read it.") \
+            from None
+
+
+def _evaluation_crop(image, crop_height, crop_width, crop_pct):
+    """`load_image`'s resize and crop of an open Pillow image."""
+    from PIL import Image
+
+    if image.mode.startswith("I;16"):
+        # 16-bit grayscale (PNG): Pillow's convert("RGB") clips at 255, so
+        # nearly every pixel turned white. Keep the high byte, as
+        # TensorFlow's decoder does for the training and evaluation data.
+        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+    image = image.convert("RGB")
+    width, height = image.size
+    if crop_height == crop_width:
+        short = int(crop_height / crop_pct)
+        # torchvision's Resize(int): the shorter side to `short`, truncating the other.
+        if width <= height:
+            size = (short, int(short * height / width))
         else:
-            ratio = min(height / int(crop_height / crop_pct), width / int(crop_width / crop_pct))
-            size = (round(width / ratio), round(height / ratio))
-        image = image.resize(size, Image.BICUBIC)
-        left = int(round((size[0] - crop_width) / 2.0))
-        top = int(round((size[1] - crop_height) / 2.0))
-        image = image.crop((left, top, left + crop_width, top + crop_height))
-        return np.asarray(image, dtype=np.float32)
+            size = (int(short * width / height), short)
+    else:
+        ratio = min(height / int(crop_height / crop_pct), width / int(crop_width / crop_pct))
+        size = (round(width / ratio), round(height / ratio))
+    image = image.resize(size, Image.BICUBIC)
+    left = int(round((size[0] - crop_width) / 2.0))
+    top = int(round((size[1] - crop_height) / 2.0))
+    image = image.crop((left, top, left + crop_width, top + crop_height))
+    return np.asarray(image, dtype=np.float32)
 
 
 def _crop_size(image_size):

@@ -22,6 +22,21 @@ TINY = dict(
 TINY_PCPVT = {**TINY, "window_sizes": None}
 
 
+def write_oversized_png(path, side=20000):
+    """A small PNG file whose header claims side x side pixels, beyond Pillow's limit."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    rows = zlib.compress(b"\0" * (1 + 3 * side) * 4)
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)  # 8-bit RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows)
+                     + chunk(b"IEND", b""))
+
+
 def max_error_within_tolerance(actual, reference):
     """The parity criterion: max|a - r| <= 1e-5 * max(1, max|r|)."""
     error = float(np.max(np.abs(actual - reference)))

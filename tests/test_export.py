@@ -16,6 +16,7 @@ from PIL import Image
 import keras_twins
 from conftest import TINY
 from conftest import TINY_PCPVT
+from conftest import write_oversized_png
 from keras_twins.export import FLOAT_IN_MIXED_INT8
 from keras_twins.export import ExportError
 from keras_twins.export import SkippedImagesWarning
@@ -318,8 +319,10 @@ def test_calibration_draws_from_every_class_folder(tmp_path):
             Image.new("RGB", (40, 40), color).save(tmp_path / label / f"{i}.png")
     (tmp_path / ".ipynb_checkpoints").mkdir()
     Image.new("RGB", (40, 40), (9, 9, 9)).save(tmp_path / ".ipynb_checkpoints" / "x.png")
+    write_oversized_png(tmp_path / "a" / "00_huge.png")  # skipped, as unreadable
     spec = tf.TensorSpec((1, 32, 32, 3), tf.float32)
-    drawn = [tuple(batch[0][0, 16, 16].astype(int)) for batch in
-             _calibration(tmp_path, spec, limit=6)()]
+    with pytest.warns(SkippedImagesWarning, match="00_huge.png"):
+        samples = _calibration(tmp_path, spec, limit=6)
+    drawn = [tuple(batch[0][0, 16, 16].astype(int)) for batch in samples()]
     assert len(drawn) == 6
     assert sorted(set(drawn)) == sorted(colors.values())

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 import keras_twins
+from conftest import write_oversized_png
 from keras_twins.imagenet import imagenet_classes
 
 
@@ -119,3 +120,10 @@ def test_load_image_names_a_bad_size(size, tmp_path):
     china("RGB", (40, 30)).save(tmp_path / "image.png")
     with pytest.raises(ValueError, match=re.escape(f"Received: image_size={size!r}")):
         keras_twins.load_image(tmp_path / "image.png", size)
+
+
+def test_an_image_beyond_pillows_pixel_limit_is_a_value_error_naming_it(tmp_path):
+    """Pillow's DecompressionBombError is no OSError: `predict` printed a traceback."""
+    write_oversized_png(tmp_path / "huge.png")
+    with pytest.raises(ValueError, match=r"huge\.png: .*MAX_IMAGE_PIXELS"):
+        keras_twins.load_image(tmp_path / "huge.png")
