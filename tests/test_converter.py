@@ -204,6 +204,29 @@ def test_unrecognized_architecture_asks_for_variant(state_dict):
         detect_variant(damaged)
 
 
+@pytest.mark.parametrize("key", [
+    "blocks.0.0.attn.qkv.weight", "patch_embeds.1.proj.weight", "blocks.1.1.norm1.weight",
+    "blocks.3.0.mlp.fc1.weight",
+])
+def test_a_missing_key_the_variant_is_read_from_is_named(key, state_dict):
+    """Detection read each of these keys alone: without it, "no Twins variant has these shapes"."""
+    from weights_convert import build_model_for
+    from weights_convert import detect_variant
+
+    damaged = {k: v for k, v in state_dict.items() if k != key}
+    assert detect_variant(damaged) == VARIANT
+    if key == "blocks.0.0.attn.qkv.weight":
+        with pytest.raises(ConversionError, match=f"missing key '{key}' for {VARIANT}"):
+            build_model_for(damaged)
+
+
+def test_a_state_dict_of_another_network_is_named_as_such():
+    from weights_convert import detect_variant
+
+    with pytest.raises(ConversionError, match="not a Twins checkpoint: none of its 2 keys"):
+        detect_variant({"conv.weight": np.zeros((8, 3, 3, 3)), "fc.weight": np.zeros((2, 8))})
+
+
 def test_bfloat16_and_float16_safetensors_are_read(tmp_path):
     values = torch.randn(4, 3)
     path = tmp_path / "half.safetensors"

@@ -19,6 +19,9 @@ def detect_variant(state_dict, source="checkpoint"):
     from keras_twins.variants import VARIANTS
 
     found = _signature(state_dict)
+    if not found[0]:
+        raise ConversionError(f"{source}: not a Twins checkpoint: none of its "
+                              f"{len(state_dict)} keys is a patch_embeds.* or blocks.* key")
     for name, entry in VARIANTS.items():
         config = entry["config"]
         if found == (
@@ -37,19 +40,27 @@ def detect_variant(state_dict, source="checkpoint"):
 
 
 def _signature(state_dict):
-    embed_dims, depths, hidden_dims = [], [], []
-    stage = 0
-    while f"patch_embeds.{stage}.proj.weight" in state_dict:
-        embed_dims.append(state_dict[f"patch_embeds.{stage}.proj.weight"].shape[0])
-        depth = 0
-        while f"blocks.{stage}.{depth}.norm1.weight" in state_dict:
-            depth += 1
-        depths.append(depth)
-        fc1 = state_dict.get(f"blocks.{stage}.0.mlp.fc1.weight")
-        hidden_dims.append(None if fc1 is None else fc1.shape[0])
-        stage += 1
-    has_windows = "blocks.0.0.attn.qkv.weight" in state_dict
-    return tuple(embed_dims), tuple(depths), tuple(hidden_dims), has_windows
+    """(embed dims, depths, MLP widths, has windows), each read from any key that shows it.
+
+    Any one key may be missing from a damaged checkpoint: the variant is
+    still found, and loading then names the missing key.
+    """
+    embed_dims, depths, hidden_dims = {}, {}, {}
+    has_windows = False
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if len(parts) > 2 and parts[0] == "patch_embeds" and parts[1].isdigit():
+            embed_dims[int(parts[1])] = value.shape[0]  # proj and norm: (dim, ...)
+        elif len(parts) > 4 and parts[0] == "blocks" and parts[1].isdigit() \
+                and parts[2].isdigit():
+            stage, block = int(parts[1]), int(parts[2])
+            depths[stage] = max(depths.get(stage, 0), block + 1)
+            if parts[3:5] == ["mlp", "fc1"]:
+                hidden_dims[stage] = value.shape[0]
+            has_windows = has_windows or parts[3:5] == ["attn", "qkv"]  # LSA's
+    stages = range(max([*embed_dims, *depths], default=-1) + 1)
+    return (tuple(embed_dims.get(s) for s in stages), tuple(depths.get(s, 0) for s in stages),
+            tuple(hidden_dims.get(s) for s in stages), has_windows)
 
 
 def build_model_for(state_dict, variant=None, source="checkpoint"):
