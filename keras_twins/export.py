@@ -20,6 +20,7 @@ import tensorflow as tf
 from keras_twins.checks import is_whole
 from keras_twins.data import IMAGE_SUFFIXES
 from keras_twins.layers.attention import products_as_fully_connected
+from keras_twins.model import smallest_image_side
 
 FORMATS = ("saved_model", "tflite", "onnx")
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8", "int8-mixed")
@@ -96,9 +97,11 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
     if not is_whole(batch_size):
         raise ExportError("`batch_size` must be a whole number. "
                           f"Received: batch_size={batch_size!r}")
-    if min(height, width) < 32 or batch_size < 1:
-        raise ExportError("the input must be at least 32x32 with a batch of at least 1. "
-                          f"Received: image_size={(height, width)}, batch_size={batch_size}")
+    minimum = smallest_image_side(model)
+    if min(height, width) < minimum or batch_size < 1:
+        raise ExportError(f"the input must be at least {minimum}x{minimum} with a batch of at "
+                          f"least 1. Received: image_size={(height, width)}, "
+                          f"batch_size={batch_size}")
     fixed = tuple(model.input_shape[1:3])
     if None not in fixed and (height, width) != fixed:
         raise ExportError(f"the model takes {fixed[0]}x{fixed[1]} images; build it with "

@@ -68,7 +68,11 @@ def Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios,
         mlp_ratios=mlp_ratios, sr_ratios=sr_ratios, window_sizes=window_sizes,
     ) if patch_size == 4 else None
     _validate_arguments(weights, variant, include_top, classes, pooling)
-    input_shape = _input_shape(input_shape, input_tensor, include_top)
+    # SVT's GSA blocks are its odd ones: a stage of one block sub-samples nothing.
+    gsa_sr_ratios = [sr if window_sizes is None or depth > 1 else 1
+                     for sr, depth in zip(sr_ratios, depths)]
+    input_shape = _input_shape(input_shape, input_tensor, include_top,
+                               variants.min_image_size(patch_size, gsa_sr_ratios))
 
     inputs = _input_layer(input_tensor, input_shape)
     x = inputs
@@ -169,10 +173,17 @@ class TwinsModel(keras.Model):
     def call(self, inputs, training=None, mask=None):
         # A grayscale batch broadcast silently against the 3-channel
         # normalization and ran; a 4-channel one failed deep in the graph.
-        channels, expected = getattr(inputs, "shape", (None,))[-1], self.input_shape[-1]
+        shape = tuple(getattr(inputs, "shape", (None,)))
+        channels, expected = shape[-1], self.input_shape[-1]
         if None not in (channels, expected) and channels != expected:
             raise ValueError(f"`{self.name}` takes images with {expected} (RGB) channels in "
-                             f"the last axis. Received: inputs.shape={tuple(inputs.shape)}")
+                             f"the last axis. Received: inputs.shape={shape}")
+        # A model of any size (None, None, 3) given a smaller image failed in a
+        # sub-sampling convolution, deep inside.
+        minimum = smallest_image_side(self)
+        if len(shape) == 4 and any(side is not None and side < minimum for side in shape[1:3]):
+            raise ValueError(f"`{self.name}` takes images of at least {minimum}x{minimum} "
+                             f"pixels. Received: inputs.shape={shape}")
 
         def whole(x):
             return super(TwinsModel, self).call(x, training=training, mask=mask)
@@ -193,6 +204,24 @@ class TwinsModel(keras.Model):
             yield
         finally:
             self._in_keras_loop = False
+
+
+def smallest_image_side(model):
+    """The smallest image height and width `model` takes: every stage's map
+    keeps a token after its sub-sampling. Read from the Twins layers, so that
+    it holds for a model loaded from a file and for a model built on a Twins
+    backbone; `variants.MIN_IMAGE_SIZE` for a model without them."""
+    sr_ratios, first_patch = [], None
+    for layer in model.layers:
+        if isinstance(layer, PatchEmbedding):
+            first_patch = first_patch or layer.patch_size
+            sr_ratios.append(1)
+        elif isinstance(layer, TransformerBlock) and layer.window_size == 1 and sr_ratios:
+            # GSA (SVT's LSA blocks have windows and sub-sample nothing).
+            sr_ratios[-1] = max(sr_ratios[-1], layer.sr_ratio)
+    if first_patch is None:
+        return variants.MIN_IMAGE_SIZE
+    return variants.min_image_size(first_patch, sr_ratios)
 
 
 _STAGE_LAYER = re.compile(r"stage_(\d+)_block_\d+|pos_encoding_(\d+)|pyramid_norm_(\d+)")
@@ -283,7 +312,7 @@ def _validate_arguments(weights, variant, include_top, classes, pooling):
         )
 
 
-def _input_shape(input_shape, input_tensor, include_top):
+def _input_shape(input_shape, input_tensor, include_top, minimum):
     """Defaults to 224x224 with the classifier and to any size without it,
     as keras.applications does, then checks channels and minimum size."""
     if input_shape is None and input_tensor is not None:
@@ -306,7 +335,6 @@ def _input_shape(input_shape, input_tensor, include_top):
         raise ValueError(
             f"The input must have 3 channels; Received `input_shape={input_shape}`"
         )
-    minimum = variants.MIN_IMAGE_SIZE
     if any(side is not None and side < minimum for side in input_shape[:2]):
         raise ValueError(
             f"Input size must be at least {minimum}x{minimum}; "

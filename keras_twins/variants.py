@@ -11,9 +11,18 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_IMAGE_SIZE = 224
 CROP_PCT = 0.9  # timm: resize the shorter side to int(224 / 0.9), crop 224.
-MIN_IMAGE_SIZE = 32  # stage 1 must keep >= 1 token after its 8x sub-sampling.
-
 SR_RATIOS = (8, 4, 2, 1)
+
+
+def min_image_size(patch_size, sr_ratios):
+    """The smallest image side a Twins network takes: every stage's map
+    (stride `patch_size * 2**stage`) must keep at least one token after its
+    GSA sub-sampling by `sr_ratios[stage]` (1 for a stage without GSA).
+    32 for the six variants."""
+    return max(patch_size * 2**stage * max(sr, 1) for stage, sr in enumerate(sr_ratios))
+
+
+MIN_IMAGE_SIZE = min_image_size(4, SR_RATIOS)
 
 _PCPVT = dict(sr_ratios=SR_RATIOS, window_sizes=None, mlp_ratios=(8, 8, 4, 4))
 _SVT = dict(sr_ratios=SR_RATIOS, window_sizes=(7, 7, 7, 7), mlp_ratios=(4, 4, 4, 4))

@@ -198,6 +198,15 @@ def test_int8_with_a_fixed_batch_of_three(calibration_images, tmp_path):
                                             "unreadable"]
 
 
+def test_a_size_below_the_models_smallest_is_refused_before_converting(tmp_path):
+    """The smallest size follows the architecture: 64 with 8-pixel patches."""
+    model = keras_twins.Twins(**TINY, patch_size=8, input_shape=(None, None, 3), classes=10)
+    with pytest.raises(ExportError, match=re.escape("at least 64x64 with a batch of at least 1. "
+                                                    "Received: image_size=(48, 64)")):
+        export(model, tmp_path / "small.tflite", image_size=(48, 64))
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(format="coreml"), "Received: format='coreml'"),
     (dict(quantize="int4"), "Received: quantize='int4'"),

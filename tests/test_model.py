@@ -187,6 +187,31 @@ def test_a_grayscale_batch_is_refused_not_broadcast():
             run(gray)
 
 
+TWO_STAGES = dict(embed_dims=(8, 16), depths=(1, 2), num_heads=(1, 2), mlp_ratios=(2, 2),
+                  sr_ratios=(8, 2), window_sizes=(7, 7))
+
+
+@pytest.mark.parametrize("architecture, smallest", [
+    (TINY, 32),
+    (dict(TINY, patch_size=8), 64),
+    # SVT's first block in a stage is LSA: a stage of one block sub-samples nothing.
+    (TWO_STAGES, 16),
+    (dict(TWO_STAGES, window_sizes=None), 32),
+])
+def test_the_smallest_input_follows_the_architecture(architecture, smallest):
+    """Every stage keeps a token after its sub-sampling; one pixel less is refused
+    by name, at build time and when a model of any size is called."""
+    model = keras_twins.Twins(**architecture, input_shape=(smallest, smallest + 5, 3), classes=3)
+    assert model.predict(np.zeros((1, smallest, smallest + 5, 3)), verbose=0).shape == (1, 3)
+    with pytest.raises(ValueError, match=f"at least {smallest}x{smallest}; "):
+        keras_twins.Twins(**architecture, input_shape=(smallest - 1, 224, 3))
+    any_size = keras_twins.Twins(**architecture, input_shape=(None, None, 3), classes=3)
+    small = np.zeros((1, 224, smallest - 1, 3), np.float32)
+    for run in (any_size, lambda x: any_size.predict(x, verbose=0)):
+        with pytest.raises(ValueError, match=f"at least {smallest}x{smallest} pixels"):
+            run(small)
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(depths=(1, 2)), "Received: depths=(1, 2)"),
     (dict(num_heads=(3, 2, 3, 4)), "multiple of its `num_heads`"),
