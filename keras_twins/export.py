@@ -31,7 +31,9 @@ QUANTIZATIONS = ("none", "float16", "dynamic", "int8", "int8-mixed")
 FLOAT_IN_MIXED_INT8 = ("BATCH_MATMUL", "SOFTMAX", "GELU", "RSQRT")
 OUTPUTS = ("probabilities", "logits")
 ONNX_OPSET = 17  # tf2onnx 1.17 refuses opsets above 18
-# Ops that compute sizes at run time; a fixed-shape graph needs none.
+# Ops that compute sizes at run time; a fixed-shape graph needs none. PACK
+# counts only when it packs int32 sizes: the full-integer file packs the
+# attention products (`products_as_fully_connected`).
 SHAPE_ARITHMETIC = {"SHAPE", "GATHER", "GATHER_ND", "REDUCE_PROD", "PACK"}
 INPUT_CONTRACT = {
     "layout": "NHWC", "dtype": "float32", "color": "RGB", "range": [0, 255],
@@ -144,15 +146,18 @@ def tflite_report(path):
 
     model = flatbuffer_utils.read_model(path)
     graph = model.subgraphs[0]
-    ops, float_ops = set(), set()
+    ops, float_ops, shape_arithmetic = set(), set(), set()
     for operator in graph.operators:
         code = model.operatorCodes[operator.opcodeIndex]
         name = flatbuffer_utils.opcode_to_name(model, operator.opcodeIndex)
         if code.builtinCode == 32:  # BuiltinOperator.CUSTOM
             name = "CUSTOM:" + (code.customCode or b"").decode()
         ops.add(name)
-        if any(graph.tensors[i].type == 0 for i in operator.outputs):  # FLOAT32
+        output_types = {graph.tensors[i].type for i in operator.outputs}
+        if 0 in output_types:  # FLOAT32
             float_ops.add(name)
+        if name in SHAPE_ARITHMETIC and (name != "PACK" or 2 in output_types):  # INT32
+            shape_arithmetic.add(name)
     analysis = io.StringIO()
     with contextlib.redirect_stdout(analysis):
         tf.lite.experimental.Analyzer.analyze(model_path=path, gpu_compatibility=True)
@@ -161,7 +166,7 @@ def tflite_report(path):
     return {
         "ops": sorted(ops),
         "flex_or_custom": sorted(op for op in ops if op.startswith(("FLEX", "CUSTOM"))),
-        "shape_arithmetic": sorted(ops & SHAPE_ARITHMETIC),
+        "shape_arithmetic": sorted(shape_arithmetic),
         "float_ops": sorted(float_ops),
         "gpu_compatibility": verdict,
     }

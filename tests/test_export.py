@@ -97,8 +97,37 @@ def test_tflite_full_integer_int8_runs_and_is_under_a_third(case, calibration_im
     assert os.path.getsize(int8) <= 0.3 * os.path.getsize(float32_file(case))
     report = tflite_report(str(int8))
     assert set(report["float_ops"]) == {"DEQUANTIZE"}
-    # Attention products as FULLY_CONNECTED, whose int8 kernel is the fast one.
-    assert "BATCH_MATMUL" not in report["ops"]
+    # Attention products as FULLY_CONNECTED, whose int8 kernel is the fast one;
+    # their PACK packs data, not sizes.
+    assert "BATCH_MATMUL" not in report["ops"] and "PACK" in report["ops"]
+    assert report["shape_arithmetic"] == []
+
+
+@pytest.mark.parametrize("architecture", [TINY, TINY_PCPVT], ids=["svt", "pcpvt"])
+def test_one_key_attention_stays_integer(architecture, calibration_images, tmp_path):
+    """At 32x32 every GSA block has one key, whose weight is exactly 1: the
+    converter dropped the key, and the SPLIT that made it stayed float32."""
+    model = keras_twins.Twins(**architecture, input_shape=(None, None, 3), classes=10)
+    images = np.random.default_rng(5).uniform(0, 255, (1, 32, 32, 3)).astype(np.float32)
+    float32, _ = run_tflite(export(model, tmp_path / "f32.tflite", image_size=32), images)
+    assert np.abs(float32 - model.predict(images, verbose=0)).max() <= 1e-5
+    int8 = export(model, tmp_path / "int8.tflite", image_size=32, quantize="int8",
+                  representative_data=calibration_images)
+    output, _ = run_tflite(int8, images)
+    assert output.shape == (1, 10) and np.isfinite(output).all()
+    assert tflite_report(str(int8))["float_ops"] == ["DEQUANTIZE"]
+
+
+def test_report_counts_a_pack_of_sizes_as_shape_arithmetic(tmp_path):
+    @tf.function(input_signature=[tf.TensorSpec((None, 4), tf.float32)])
+    def regroup(x):
+        return tf.reshape(x, tf.stack([tf.shape(x)[0], 2, 2]))
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [regroup.get_concrete_function()], regroup)
+    path = tmp_path / "dynamic.tflite"
+    path.write_bytes(converter.convert())
+    assert {"SHAPE", "PACK"} <= set(tflite_report(str(path))["shape_arithmetic"])
 
 
 def test_onnx_matches(case):

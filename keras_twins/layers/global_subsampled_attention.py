@@ -63,7 +63,13 @@ class GlobalSubsampledAttention(MultiHeadAttentionCore):
                             (-1, height * width, self.dim))
         key_value = ops.reshape(dense_over_tokens(self.key_value, summary),
                                 (-1, summary_height * summary_width, 2 * self.dim))
-        key, value = ops.split(key_value, 2, axis=-1)  # channels are [k | v]
+        if summary.shape[1:3] == (1, 1):
+            # One key, whose attention weight is exactly 1: outside training
+            # the key is unused. A SPLIT with an unused output stayed float32
+            # in a full-integer TFLite file; slices let the converter drop it.
+            key, value = key_value[..., :self.dim], key_value[..., self.dim:]
+        else:
+            key, value = ops.split(key_value, 2, axis=-1)  # channels are [k | v]
         x = self._attend(query, key, value, training=training)
         x = ops.reshape(x, (-1, height, width, self.dim))
         return self._project(x, training=training)
