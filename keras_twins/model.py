@@ -68,11 +68,8 @@ def Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios,
         mlp_ratios=mlp_ratios, sr_ratios=sr_ratios, window_sizes=window_sizes,
     ) if patch_size == 4 else None
     _validate_arguments(weights, variant, include_top, classes, pooling)
-    # SVT's GSA blocks are its odd ones: a stage of one block sub-samples nothing.
-    gsa_sr_ratios = [sr if window_sizes is None or depth > 1 else 1
-                     for sr, depth in zip(sr_ratios, depths)]
-    input_shape = _input_shape(input_shape, input_tensor, include_top,
-                               variants.min_image_size(patch_size, gsa_sr_ratios))
+    input_shape = _input_shape(input_shape, input_tensor, include_top, variants.min_image_size(
+        patch_size, sr_ratios, depths, window_sizes))
 
     inputs = _input_layer(input_tensor, input_shape)
     x = inputs

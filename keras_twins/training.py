@@ -407,7 +407,7 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
         TrainingError or keras_twins.data.DataError: bad input, with one line
             that names it.
     """
-    image_size = _image_size(image_size)
+    image_size = _image_size(image_size, _smallest_image_side(model))
     if not isinstance(data, (str, os.PathLike)):
         raise TrainingError("`data` must be 'tfds:NAME' or the path of an image folder. "
                             f"Received: data={data!r}")
@@ -681,11 +681,22 @@ def _claim_output(output, settings, resume, epochs):
     return start
 
 
-def _image_size(image_size):
+def _smallest_image_side(model):
+    """The smallest image side `model` (a variant name or Twins arguments) takes."""
+    if not isinstance(model, dict):
+        return variants.MIN_IMAGE_SIZE
+    try:
+        return variants.min_image_size(model.get("patch_size", 4), model["sr_ratios"],
+                                       model.get("depths"), model.get("window_sizes"))
+    except (KeyError, TypeError, ValueError):
+        return 1  # not a usable configuration, which `build_model` names
+
+
+def _image_size(image_size, minimum):
     size = [image_size] if isinstance(image_size, int) else list(image_size)
     if len(size) == 1:
         size *= 2
-    if len(size) != 2 or min(size) < variants.MIN_IMAGE_SIZE:
+    if len(size) != 2 or min(size) < minimum:
         raise TrainingError(f"image_size takes H or (H, W), each at least "
-                            f"{variants.MIN_IMAGE_SIZE}. Received: image_size={image_size}")
+                            f"{minimum}. Received: image_size={image_size}")
     return tuple(int(s) for s in size)

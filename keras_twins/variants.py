@@ -14,12 +14,15 @@ CROP_PCT = 0.9  # timm: resize the shorter side to int(224 / 0.9), crop 224.
 SR_RATIOS = (8, 4, 2, 1)
 
 
-def min_image_size(patch_size, sr_ratios):
+def min_image_size(patch_size, sr_ratios, depths=None, window_sizes=None):
     """The smallest image side a Twins network takes: every stage's map
     (stride `patch_size * 2**stage`) must keep at least one token after its
-    GSA sub-sampling by `sr_ratios[stage]` (1 for a stage without GSA).
+    GSA sub-sampling by `sr_ratios[stage]`. With `depths` and `window_sizes`
+    (SVT), a stage of one block has only LSA and sub-samples nothing.
     32 for the six variants."""
-    return max(patch_size * 2**stage * max(sr, 1) for stage, sr in enumerate(sr_ratios))
+    depths = depths if window_sizes is not None and depths is not None else [2] * len(sr_ratios)
+    return max(patch_size * 2**stage * (max(sr, 1) if depth > 1 else 1)
+               for stage, (sr, depth) in enumerate(zip(sr_ratios, depths)))
 
 
 MIN_IMAGE_SIZE = min_image_size(4, SR_RATIOS)

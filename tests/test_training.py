@@ -437,6 +437,28 @@ def test_bad_settings_and_model_files_give_one_line_errors(tmp_path, capfd):
     assert code == 1 and "not an image classifier" in err, err
 
 
+def test_the_smallest_training_size_follows_a_json_architecture(tmp_path, capfd):
+    """--image-size was refused under 32 whatever the model; and a JSON model
+    that needs more failed in its builder, after the run had claimed --output."""
+    data = image_folder(tmp_path / "data", per_class=4, size=(16, 16))
+    two_stages = tmp_path / "two_stages.json"
+    two_stages.write_text(json.dumps(dict(embed_dims=[8, 16], depths=[1, 2], num_heads=[1, 2],
+                                          mlp_ratios=[2, 2], sr_ratios=[8, 2],
+                                          window_sizes=[7, 7])))
+    patch_8 = tmp_path / "patch_8.json"
+    patch_8.write_text(json.dumps(dict(TINY, patch_size=8)))
+    common = ["train", "--data", data, "--epochs", "1", "--batch-size", "4", "--augment", "none"]
+    code, _, err = run_cli(capfd, *common, "--model", two_stages, "--image-size", "16",
+                           "--output", tmp_path / "run_16")
+    assert code == 0, err
+    assert (tmp_path / "run_16" / "model.keras").exists()
+    code, _, err = run_cli(capfd, *common, "--model", patch_8, "--image-size", "48",
+                           "--output", tmp_path / "run_48")
+    assert code == 1 and err.strip().splitlines() == [err.strip()], err
+    assert "each at least 64. Received: image_size=" in err, err
+    assert not (tmp_path / "run_48").exists()
+
+
 @pytest.mark.parametrize("damage, message", [
     ("empty", "no images found"),
     ("classes", "classes differ"),
