@@ -20,9 +20,12 @@ def min_image_size(patch_size, sr_ratios, depths=None, window_sizes=None):
     GSA sub-sampling by `sr_ratios[stage]`. With `depths` and `window_sizes`
     (SVT), a stage of one block has only LSA and sub-samples nothing.
     32 for the six variants."""
-    depths = depths if window_sizes is not None and depths is not None else [2] * len(sr_ratios)
-    return max(patch_size * 2**stage * (max(sr, 1) if depth > 1 else 1)
-               for stage, (sr, depth) in enumerate(zip(sr_ratios, depths)))
+    if window_sizes is None or depths is None:
+        lsa_only = [False] * len(sr_ratios)
+    else:
+        lsa_only = [depth < 2 for depth in depths]  # SVT's GSA blocks are its odd ones
+    return max(patch_size * 2**stage * (1 if only_lsa else max(sr, 1))
+               for stage, (sr, only_lsa) in enumerate(zip(sr_ratios, lsa_only)))
 
 
 MIN_IMAGE_SIZE = min_image_size(4, SR_RATIOS)
