@@ -168,19 +168,7 @@ class TwinsModel(keras.Model):
             return super().predict_step(*args, **kwargs)
 
     def call(self, inputs, training=None, mask=None):
-        # A grayscale batch broadcast silently against the 3-channel
-        # normalization and ran; a 4-channel one failed deep in the graph.
-        shape = tuple(getattr(inputs, "shape", (None,)))
-        channels, expected = shape[-1], self.input_shape[-1]
-        if None not in (channels, expected) and channels != expected:
-            raise ValueError(f"`{self.name}` takes images with {expected} (RGB) channels in "
-                             f"the last axis. Received: inputs.shape={shape}")
-        # A model of any size (None, None, 3) given a smaller image failed in a
-        # sub-sampling convolution, deep inside.
-        minimum = smallest_image_side(self)
-        if len(shape) == 4 and any(side is not None and side < minimum for side in shape[1:3]):
-            raise ValueError(f"`{self.name}` takes images of at least {minimum}x{minimum} "
-                             f"pixels. Received: inputs.shape={shape}")
+        check_images(self, inputs)
 
         def whole(x):
             return super(TwinsModel, self).call(x, training=training, mask=mask)
@@ -201,6 +189,24 @@ class TwinsModel(keras.Model):
             yield
         finally:
             self._in_keras_loop = False
+
+
+def check_images(model, inputs):
+    """Raises a one-line `ValueError` for a batch `model` cannot take.
+
+    A grayscale batch broadcast silently against the 3-channel normalization
+    and ran; a 4-channel one, or an image smaller than the model's smallest
+    (any-size models), failed deep in the graph.
+    """
+    shape = tuple(getattr(inputs, "shape", (None,)))
+    channels, expected = shape[-1], model.input_shape[-1]
+    if None not in (channels, expected) and channels != expected:
+        raise ValueError(f"`{model.name}` takes images with {expected} (RGB) channels in "
+                         f"the last axis. Received: inputs.shape={shape}")
+    minimum = smallest_image_side(model)
+    if len(shape) == 4 and any(side is not None and side < minimum for side in shape[1:3]):
+        raise ValueError(f"`{model.name}` takes images of at least {minimum}x{minimum} "
+                         f"pixels. Received: inputs.shape={shape}")
 
 
 def smallest_image_side(model):

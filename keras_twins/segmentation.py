@@ -10,6 +10,7 @@ from keras import ops
 
 from keras_twins.checks import is_whole
 from keras_twins.layers.registration import register
+from keras_twins.model import check_images
 from keras_twins.model import pyramid_outputs
 
 IGNORE_LABEL = 255  # pixels with this label count in neither the loss nor the IoU
@@ -43,6 +44,16 @@ class ResizeLike(keras.layers.Layer):
         return (source[0], target[1], target[2], source[3])
 
 
+@register
+class SegmentationModel(keras.Model):
+    """The functional Semantic FPN network; a batch it cannot take is refused
+    in one line (`model.check_images`), not deep inside a convolution."""
+
+    def call(self, inputs, training=None, mask=None):
+        check_images(self, inputs)
+        return super().call(inputs, training=training, mask=mask)
+
+
 def SemanticFPN(backbone, num_classes, fpn_channels=256, head_channels=128,
                 dropout=0.1, name="semantic_fpn"):
     """Semantic FPN on a Twins backbone: images to per-pixel logits.
@@ -66,8 +77,9 @@ def SemanticFPN(backbone, num_classes, fpn_channels=256, head_channels=128,
         name: the model name.
 
     Returns:
-        A `keras.Model` from the backbone's input, `(batch, H, W, 3)`, to
-        logits `(batch, H, W, num_classes)`. Train it with
+        A `SegmentationModel` (a functional `keras.Model`) from the
+        backbone's input, `(batch, H, W, 3)`, to logits
+        `(batch, H, W, num_classes)`. Train it with
         `compile_for_segmentation`, on `(image, mask)` pairs.
     """
     if not is_whole(num_classes, least=1):
@@ -104,8 +116,9 @@ def SemanticFPN(backbone, num_classes, fpn_channels=256, head_channels=128,
     x = keras.layers.Add(name="head_sum")(scaled)
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     x = keras.layers.Conv2D(num_classes, 1, name="classifier")(x)
-    logits = ResizeLike(name="logits", dtype="float32")([x, backbone.inputs[0]])
-    return keras.Model(backbone.inputs, logits, name=name)
+    image = backbone.inputs[0]
+    logits = ResizeLike(name="logits", dtype="float32")([x, image])
+    return SegmentationModel(image, logits, name=name)
 
 
 def compile_for_segmentation(model, optimizer=None, ignore_label=IGNORE_LABEL):

@@ -40,6 +40,22 @@ def test_bad_arguments_get_clear_errors():
         SemanticFPN(other, num_classes=3)
 
 
+def test_a_batch_it_cannot_take_is_refused_in_one_line(tmp_path):
+    # Both failed inside a convolution of the backbone (a 16x16 image in a
+    # stage's sub-sampling, a grayscale one in an Add) of an any-size model.
+    backbone = keras_twins.Twins(**TINY, include_top=False, input_shape=(None, None, 3))
+    model = SemanticFPN(backbone, num_classes=3, **SMALL_HEAD)
+    path = tmp_path / "fpn.keras"
+    model.save(path)
+    for model in (model, keras.models.load_model(path)):
+        with pytest.raises(ValueError, match=r"at least 32x32 pixels. Received: "
+                                             r"inputs.shape=\(2, 16, 40, 3\)"):
+            model.predict(np.zeros((2, 16, 40, 3), "float32"), verbose=0)
+        with pytest.raises(ValueError, match=r"3 \(RGB\) channels"):
+            model(np.zeros((1, 64, 64, 1), "float32"))
+        assert model(np.zeros((1, 32, 40, 3), "float32")).shape == (1, 32, 40, 3)
+
+
 def test_learns_synthetic_shapes_to_mean_iou_0_8():
     keras.utils.set_random_seed(0)
     images, masks = synthetic_shapes(320, (64, 96), seed=0)
