@@ -126,6 +126,10 @@ def Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios,
 
     if input_tensor is not None:
         inputs = keras.utils.get_source_inputs(input_tensor)
+        if len(inputs) == 1:
+            # A one-element list made Keras warn on every call that the
+            # inputs' structure differs from the model's.
+            inputs = inputs[0]
     model = TwinsModel(inputs, x, name=name)
     if weights is not None and pyramid_norm:
         # The weights have no pyramid norms: load them into the same network

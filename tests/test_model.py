@@ -151,6 +151,11 @@ def test_input_tensor_is_used():
     model = keras_twins.Twins(**TINY, include_top=False, input_tensor=tensor)
     assert model.inputs[0] is tensor
     assert model.output.shape == (None, 2, 2, 32)
+    # Keras warned on every call that the inputs' structure differed from
+    # the model's, a one-element list.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert model(np.zeros((1, 64, 80, 3), "float32")).shape == (1, 2, 2, 32)
 
 
 @pytest.mark.parametrize("kwargs, message", [
