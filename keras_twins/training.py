@@ -459,9 +459,8 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
     validation_data = None if validation is None else data_lib.evaluation_pipeline(
         validation, image_size, global_batch, cache=cache, drop_remainder=static)
 
-    # The data is usable: only now does the output folder become this run's.
     output = os.fspath(output)
-    start = _claim_output(output, settings, resume, epochs) if chief else _Start()
+    start = _check_output(output, settings, resume, epochs) if chief else _Start()
     # Other workers write what the chief writes into a folder thrown away at the end.
     work = output if chief else tempfile.mkdtemp(prefix="keras_twins_worker_")
     backup_dir = os.fspath(backup_dir or os.path.join(output, "backup"))
@@ -486,8 +485,10 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
         if _is_multi_worker(strategy):
             _allow_multi_worker_fit(classifier, strategy)
         if chief:
-            write_text(os.path.join(output, "labels.txt"),
-                       "".join(f"{name}\n" for name in train_split.class_names))
+            # The data and the model are usable: only now does the output
+            # folder become this run's (a bad CONFIG.json or checkpoint left
+            # a folder holding run.json).
+            _record_run(output, settings, train_split.class_names)
         run_callbacks = [
             keras.callbacks.BackupAndRestore(backup_dir, save_freq=backup_freq,
                                              double_checkpoint=True),
@@ -647,8 +648,8 @@ class _Start:
     weights_from: str = None
 
 
-def _claim_output(output, settings, resume, epochs):
-    """Checks that `output` is new, this run's, or resumed, and records the settings."""
+def _check_output(output, settings, resume, epochs):
+    """Checks that `output` is new, this run's, or resumed; writes nothing."""
     run_file = os.path.join(output, "run.json")
     backup = os.path.join(output, "backup")
     last = os.path.join(output, "checkpoints", "last.keras")
@@ -663,7 +664,7 @@ def _claim_output(output, settings, resume, epochs):
         same = previous is not None and all(
             previous.get(key) == settings.get(key) for key in _RUN_KEYS)
         # A folder with only run.json and labels.txt is a run that failed
-        # before its first epoch (say, a bad model configuration): reuse it.
+        # before its first epoch (say, out of memory in its first step): reuse it.
         started = bool(set(os.listdir(output)) - {"run.json", "labels.txt"})
         if started and not resume and not (same and not finished):
             what = ("a finished run" if finished else "a run with other settings"
@@ -676,9 +677,13 @@ def _claim_output(output, settings, resume, epochs):
                 raise TrainingError(f"{output} has trained {done} epochs already; "
                                     "pass more --epochs to continue it")
             start = _Start(initial_epoch=done, weights_from=last)
-    os.makedirs(output, exist_ok=True)
-    write_text(run_file, json.dumps(settings, indent=2) + "\n")
     return start
+
+
+def _record_run(output, settings, class_names):
+    os.makedirs(output, exist_ok=True)
+    write_text(os.path.join(output, "run.json"), json.dumps(settings, indent=2) + "\n")
+    write_text(os.path.join(output, "labels.txt"), "".join(f"{name}\n" for name in class_names))
 
 
 def _smallest_image_side(model):

@@ -459,6 +459,26 @@ def test_the_smallest_training_size_follows_a_json_architecture(tmp_path, capfd)
     assert not (tmp_path / "run_48").exists()
 
 
+def test_a_model_that_cannot_be_built_leaves_no_output_folder(tmp_path, capfd):
+    """Each failed in the builder after the run had written run.json in --output."""
+    data = image_folder(tmp_path / "data", per_class=4)
+    heads = tmp_path / "heads.json"
+    heads.write_text(json.dumps(dict(TINY_LIST, num_heads=[3, 2, 4, 4])))
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text(json.dumps(TINY_LIST))
+    wider = tmp_path / "wider.weights.h5"
+    keras_twins.Twins(**dict(TINY, embed_dims=(16, 32, 48, 64)), input_shape=(32, 32, 3),
+                      classes=2).save_weights(wider)
+    capfd.readouterr()  # TensorFlow's start-up notices
+    common = ["train", "--data", data, "--epochs", "1", "--batch-size", "4", "--image-size", "32"]
+    for more, message in [(["--model", heads], "multiple of its `num_heads`"),
+                          (["--model", tiny, "--weights", wider], "wider.weights.h5")]:
+        code, _, err = run_cli(capfd, *common, *more, "--output", tmp_path / "run")
+        assert code == 1 and err.strip().splitlines() == [err.strip()], err
+        assert message in err, err
+        assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("damage, message", [
     ("empty", "no images found"),
     ("classes", "classes differ"),
