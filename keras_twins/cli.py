@@ -155,6 +155,9 @@ def _predict(args):
     if args.top < 1:
         raise CommandError(f"--top must be at least 1. Received: {args.top}")
     for path in args.images:
+        if os.path.isdir(path):
+            raise CommandError(f"{path}: a folder, not an image file; give the images in it, "
+                               f"as {os.path.join(path, '*.jpg')}")
         if not os.path.isfile(path):
             raise CommandError(f"{path}: no such image file")
     try:
@@ -203,7 +206,9 @@ def _predicted(model, paths, size, load_image, chunk=32):
             try:
                 images.append(load_image(path, size))
             except (OSError, ValueError) as error:
-                raise CommandError(f"{path}: cannot read the image ({_one_line(error)})") from None
+                # Pillow's message names the file too: once is enough.
+                reason = _one_line(error).replace(f"{path}: ", "").replace(f" '{path}'", "")
+                raise CommandError(f"{path}: cannot read the image ({reason})") from None
         yield from zip(paths[start:start + chunk],
                        model.predict(np.stack(images), batch_size=chunk, verbose=0))
 

@@ -92,8 +92,12 @@ def test_predict_failures_are_one_line(photos, checkpoint, tmp_path, random_refe
                                          checkpoint), "nope.jpg")
     not_an_image = tmp_path / "text.png"
     not_an_image.write_text("hello")
-    assert_clean_failure(keras_twins_cli("predict", not_an_image, "--weights", checkpoint),
-                         "text.png")
+    result = keras_twins_cli("predict", not_an_image, "--weights", checkpoint)
+    assert_clean_failure(result, "text.png: cannot read the image")
+    assert result.stderr.count("text.png") == 1, result.stderr  # Pillow's message named it too
+    # A folder was "no such image file".
+    assert_clean_failure(keras_twins_cli("predict", tmp_path, "--weights", checkpoint),
+                         f"{tmp_path}: a folder, not an image file")
     assert_clean_failure(keras_twins_cli("predict", photos[0], "--model", "twins_svt_tiny"),
                          "twins_svt_tiny")
     # An SVT checkpoint for a PCPVT model: named by the key that does not fit.
