@@ -15,7 +15,6 @@
     keras-twins info
 """
 
-import argparse
 import contextlib
 import json
 import os
@@ -24,6 +23,7 @@ import warnings
 
 import numpy as np
 
+from weights_convert.console import ArgumentParser
 from weights_convert.console import quiet_library_chatter
 
 
@@ -39,7 +39,7 @@ def main(argv=None):
         from weights_convert.__main__ import main as convert_main
 
         return convert_main(argv[1:], prog="keras-twins convert")
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="keras-twins", description="Twins vision transformers for Keras 3."
     )
     commands = parser.add_subparsers(dest="command", required=True)

@@ -132,6 +132,25 @@ def test_convert_subcommand(checkpoint, photos, tmp_path):
                          "twins_pcpvt_small")
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--data", "d", "--output", "o", "--epochs", "x"],
+     "keras-twins train: argument --epochs: invalid int value: 'x'"),
+    (["predict"], "keras-twins predict: the following arguments are required: IMAGE"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["convert", "model.pth"], "keras-twins convert: the following arguments are required"),
+])
+def test_usage_errors_are_one_line(argv, message, capsys):
+    """argparse printed the whole usage first: 17 lines for a bad --epochs."""
+    from keras_twins import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err and "--help)" in err, err
+
+
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_convert_help_is_the_converters_under_the_commands_name(flag, capsys):
     """argparse's REMAINDER did not pass a leading --help on: "unrecognized arguments"."""

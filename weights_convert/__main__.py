@@ -1,11 +1,12 @@
 """Command line: python -m weights_convert SRC --output DST.weights.h5 [--variant NAME]."""
 
-import argparse
 import sys
+
+from weights_convert.console import ArgumentParser
 
 
 def main(argv=None, prog="python -m weights_convert"):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=prog,
         description="Convert a timm or official Twins checkpoint (.safetensors, "
         ".pth, .pt, .bin) into a keras_twins .weights.h5 file.",

@@ -1,9 +1,21 @@
 """Helpers for the command-line entry points (importing no TensorFlow)."""
 
+import argparse
 import contextlib
 import os
 import sys
 import warnings
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, its usage errors one line like the commands' other errors.
+
+    argparse prints the whole usage above the line that names the problem:
+    16 lines for `keras-twins train`. Subcommands' parsers are of this class too.
+    """
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 @contextlib.contextmanager
