@@ -38,11 +38,12 @@ def _evaluation_crop(image, crop_height, crop_width, crop_pct):
     """`load_image`'s resize and crop of an open Pillow image."""
     from PIL import Image
 
-    if image.mode.startswith("I;16"):
-        # 16-bit grayscale (PNG): Pillow's convert("RGB") clips at 255, so
-        # nearly every pixel turned white. Keep the high byte, as
-        # TensorFlow's decoder does for the training and evaluation data.
-        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # 16-bit grayscale (PNG as I;16; PGM, TIFF and older Pillows' PNG as
+        # 32-bit I): Pillow's convert("RGB") clips at 255, so nearly every
+        # pixel turned white. Keep the high byte, as TensorFlow's decoder
+        # does for the training and evaluation data.
+        image = Image.fromarray(np.clip(np.asarray(image) >> 8, 0, 255).astype(np.uint8))
     image = image.convert("RGB")
     width, height = image.size
     if crop_height == crop_width:

@@ -99,16 +99,25 @@ def test_the_evaluation_pipeline_crops_as_timm_does(size, crop):
     assert np.abs(cropped - expected).max() < 8
 
 
-def test_a_16_bit_grayscale_png_loads_as_its_8_bit_image(tmp_path):
-    """Pillow's convert("RGB") clipped 16-bit values at 255: the image came out white."""
+def test_a_16_bit_grayscale_image_loads_as_its_8_bit_image(tmp_path):
+    """Pillow's convert("RGB") clipped 16-bit values at 255: the image came out white.
+
+    Pillow opens a 16-bit PNG as I;16, and a PGM or TIFF (and, in older
+    versions, a PNG) as 32-bit I.
+    """
     import tensorflow as tf
 
     high = np.random.default_rng(0).integers(0, 256, (97, 131)).astype(np.uint16)
     wide = high * 256 + np.random.default_rng(1).integers(0, 256, high.shape).astype(np.uint16)
     Image.fromarray(wide).save(tmp_path / "gray16.png")
+    Image.fromarray(wide).save(tmp_path / "gray16.pgm")
+    Image.fromarray(wide.astype(np.int32)).save(tmp_path / "gray16.tif")
     Image.fromarray(high.astype(np.uint8)).save(tmp_path / "gray8.png")
-    loaded = keras_twins.load_image(tmp_path / "gray16.png")
-    np.testing.assert_array_equal(loaded, keras_twins.load_image(tmp_path / "gray8.png"))
+    expected = keras_twins.load_image(tmp_path / "gray8.png")
+    for name, mode in [("gray16.png", "I;16"), ("gray16.pgm", "I"), ("gray16.tif", "I")]:
+        with Image.open(tmp_path / name) as image:
+            assert image.mode == mode
+        np.testing.assert_array_equal(keras_twins.load_image(tmp_path / name), expected)
     # The training and evaluation pipelines decode with TensorFlow: the same pixels.
     decoded = tf.io.decode_png(tf.io.read_file(str(tmp_path / "gray16.png")), channels=3)
     np.testing.assert_array_equal(decoded.numpy()[..., 0], high)
