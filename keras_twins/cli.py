@@ -244,11 +244,10 @@ def _model(model, weights):
         raise CommandError(f"{weights}: no such weights file")
     weights = None if weights == "none" else weights
     if model.endswith(".json"):
+        config = _read_config(model)
         try:
-            with open(model) as f:
-                config = json.load(f)
             return keras_twins.Twins(**config, weights=weights, input_shape=(None, None, 3))
-        except (OSError, json.JSONDecodeError, TypeError) as error:
+        except TypeError as error:  # say, `weights` in the file as well
             raise CommandError(f"{model}: not a usable model configuration "
                                f"({_one_line(error)})") from None
     if model not in keras_twins.CONSTRUCTORS:
@@ -316,22 +315,37 @@ def _start_cpu_streams(args):
         raise CommandError(_one_line(error)) from None
 
 
+def _read_config(path):
+    """The `keras_twins.Twins` arguments in a JSON file; a bad file is one line.
+
+    A binary file was a UnicodeDecodeError traceback, and a list a TypeError
+    about `**`.
+    """
+    import inspect
+
+    import keras_twins
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8
+        raise CommandError(f"{path}: not a usable model configuration "
+                           f"({_one_line(error)})") from None
+    if not isinstance(config, dict):
+        raise CommandError(f"{path}: must hold a JSON object of keras_twins.Twins arguments")
+    unknown = sorted(set(config) - set(inspect.signature(keras_twins.Twins).parameters))
+    if unknown:
+        raise CommandError(f"{path}: not a usable model configuration (keras_twins.Twins "
+                           f"takes no argument {', '.join(map(repr, unknown))})")
+    return config
+
+
 def _train(args):
     from keras_twins.pretrained import WeightsDownloadError
     from keras_twins.training import train
 
     streams = _start_cpu_streams(args)
-    model = args.model
-    if model.endswith(".json"):
-        try:
-            with open(model) as f:
-                model = json.load(f)
-        except (OSError, json.JSONDecodeError) as error:
-            raise CommandError(f"{args.model}: not a usable model configuration "
-                               f"({_one_line(error)})") from None
-        if not isinstance(model, dict):
-            raise CommandError(f"{args.model}: must hold a JSON object of "
-                               "keras_twins.Twins arguments")
+    model = _read_config(args.model) if args.model.endswith(".json") else args.model
     if args.weights not in ("none", "imagenet") and not os.path.isfile(args.weights):
         raise CommandError(f"{args.weights}: no such weights file")
     backup_freq = args.backup_freq

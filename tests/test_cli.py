@@ -132,6 +132,32 @@ def test_convert_subcommand(checkpoint, photos, tmp_path):
                          "twins_pcpvt_small")
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"\x84\x00\xff binary", "not a usable model configuration ('utf-8' codec"),
+    (b'{"embed_dims": [16, 32', "not a usable model configuration (Expecting"),
+    (b"[1, 2]", "must hold a JSON object of keras_twins.Twins arguments"),
+    (b'{"embed_dims": [16], "colour": 1}', "keras_twins.Twins takes no argument 'colour'"),
+])
+def test_a_bad_config_json_is_one_line_in_every_command(content, message, tmp_path, capsys):
+    """A binary file was a UnicodeDecodeError traceback in train, and a list a
+    TypeError about `**` in predict and export."""
+    from keras_twins import cli
+
+    config = tmp_path / "model.json"
+    config.write_bytes(content)
+    image = tmp_path / "image.png"
+    Image.new("RGB", (40, 30)).save(image)
+    for argv in (["predict", "--model", config, image],
+                 ["export", "--model", config, "--format", "tflite",
+                  "--output", tmp_path / "model.tflite"],
+                 ["train", "--model", config, "--data", tmp_path, "--output", tmp_path / "run"]):
+        assert cli.main(list(map(str, argv))) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {config}: ") and message in err, err
+        assert err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "model.tflite").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--data", "d", "--output", "o", "--epochs", "x"],
      "keras-twins train: argument --epochs: invalid int value: 'x'"),
