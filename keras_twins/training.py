@@ -298,11 +298,14 @@ def make_strategy(name="auto", tpu=None):
 
 
 def _tf_config_workers():
+    text = os.environ.get("TF_CONFIG", "{}")
     try:
-        cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
-    except json.JSONDecodeError:
-        raise TrainingError("TF_CONFIG is not valid JSON") from None
-    return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
+        cluster = json.loads(text).get("cluster", {})
+        return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
+    except (ValueError, AttributeError, TypeError):  # not JSON, or not of that form
+        raise TrainingError('TF_CONFIG must be a JSON object such as {"cluster": {"worker": '
+                            f'[...]}}, "task": {{...}}}}. Received: TF_CONFIG={text[:100]!r}') \
+            from None
 
 
 def _is_multi_worker(strategy):
@@ -460,7 +463,8 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
         validation, image_size, global_batch, cache=cache, drop_remainder=static)
 
     output = os.fspath(output)
-    start = _check_output(output, settings, resume, epochs) if chief else _Start()
+    start = (_check_output(output, settings, resume, epochs, train_split.class_names)
+             if chief else _Start())
     # Other workers write what the chief writes into a folder thrown away at the end.
     work = output if chief else tempfile.mkdtemp(prefix="keras_twins_worker_")
     backup_dir = os.fspath(backup_dir or os.path.join(output, "backup"))
@@ -476,7 +480,12 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
         with strategy.scope():
             classifier = build_model(model, classes, image_size, weights, drop_path_rate)
             if start.weights_from:
-                classifier.load_weights(start.weights_from)
+                try:
+                    classifier.load_weights(start.weights_from)
+                except Exception as error:  # Keras raises several types for a bad file.
+                    reason = " ".join(str(error).split()).split(" Target variable:")[0]
+                    raise TrainingError(f"cannot resume from {start.weights_from}: "
+                                        f"{reason[:300]}") from None
             peak = learning_rate or peak_learning_rate(global_batch)
             schedule = learning_rate_schedule(peak, steps_per_epoch, epochs, warmup_epochs)
             compile_for_training(classifier, make_optimizer(classifier, schedule,
@@ -629,7 +638,7 @@ class TrainingCurves(keras.callbacks.Callback):
 
 def read_history(path):
     """history.csv as a dict of column -> list of floats."""
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     return {key: [_number(row.get(key)) for row in rows] for key in (rows[0] if rows else {})}
 
@@ -648,7 +657,7 @@ class _Start:
     weights_from: str = None
 
 
-def _check_output(output, settings, resume, epochs):
+def _check_output(output, settings, resume, epochs, class_names):
     """Checks that `output` is new, this run's, or resumed; writes nothing."""
     run_file = os.path.join(output, "run.json")
     backup = os.path.join(output, "backup")
@@ -656,28 +665,56 @@ def _check_output(output, settings, resume, epochs):
     start = _Start()
     if os.path.isdir(output) and os.listdir(output):
         try:
-            with open(run_file) as f:
+            with open(run_file, encoding="utf-8") as f:
                 previous = json.load(f)
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
             previous = None
+        if not isinstance(previous, dict):
+            previous = None
+        current = json.loads(json.dumps(settings))  # tuples as lists, as run.json holds them
         finished = os.path.exists(os.path.join(output, "model.keras"))
         same = previous is not None and all(
-            previous.get(key) == settings.get(key) for key in _RUN_KEYS)
+            previous.get(key) == current.get(key) for key in _RUN_KEYS)
         # A folder with only run.json and labels.txt is a run that failed
         # before its first epoch (say, out of memory in its first step): reuse it.
         started = bool(set(os.listdir(output)) - {"run.json", "labels.txt"})
+        if started and previous is None:
+            raise TrainingError(f"{output} already holds files that are not a training run; "
+                                "choose a new output folder")
         if started and not resume and not (same and not finished):
-            what = ("a finished run" if finished else "a run with other settings"
-                    if previous is not None else "files that are not a training run")
+            what = "a finished run" if finished else "a run with other settings"
             raise TrainingError(f"{output} already holds {what}; choose a new output "
                                 "folder, or pass --resume to continue it")
+        if started and resume and previous.get("model") != current["model"]:
+            # Its weights would not fit: Keras listed every layer, thousands of characters.
+            raise TrainingError(f"cannot resume {output} with another model: the run trains "
+                                f"{str(previous.get('model'))[:200]}")
+        labels = _read_labels(os.path.join(output, "labels.txt"))
+        if started and resume and labels is not None and labels != list(class_names):
+            raise TrainingError(f"cannot resume {output} on data of other classes: the run "
+                                f"trains {len(labels)} ({', '.join(labels)[:200]}), the data "
+                                f"has {len(class_names)}")
         if resume and not os.path.isdir(backup) and os.path.exists(last):
-            done = len(read_history(os.path.join(output, "history.csv")).get("epoch", []))
+            history = os.path.join(output, "history.csv")
+            try:
+                done = len(read_history(history).get("epoch", []))
+            except (OSError, ValueError) as error:  # ValueError: not UTF-8
+                raise TrainingError(f"cannot resume {output}: its history.csv, which counts "
+                                    f"the epochs of checkpoints/last.keras, is unreadable "
+                                    f"({' '.join(str(error).split())})") from None
             if done >= epochs:
                 raise TrainingError(f"{output} has trained {done} epochs already; "
                                     "pass more --epochs to continue it")
             start = _Start(initial_epoch=done, weights_from=last)
     return start
+
+
+def _read_labels(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().splitlines()
+    except (OSError, ValueError):
+        return None
 
 
 def _record_run(output, settings, class_names):

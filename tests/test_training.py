@@ -571,6 +571,55 @@ def test_an_output_folder_of_another_run_is_refused_unless_resumed(tmp_path, cap
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
 
 
+def test_resume_refuses_a_run_it_cannot_continue_in_one_line(tmp_path, capfd):
+    """Each was a traceback (a binary run.json, no history.csv, a damaged
+    checkpoint), Keras' list of every layer that did not fit (another model
+    or class count), or a run into a folder of other files."""
+    data = image_folder(tmp_path / "data", per_class=4)
+    more = image_folder(tmp_path / "more", classes=("circle", "square", "star"), per_class=4)
+    config = json_config(tmp_path)
+    wider = tmp_path / "wider.json"
+    wider.write_text(json.dumps(dict(TINY_LIST, embed_dims=[8, 16, 24, 48])))
+    output = tmp_path / "run"
+    arguments = ["train", "--data", data, "--model", config, "--image-size", "32",
+                 "--batch-size", "4", "--augment", "none", "--output", output]
+    assert run_cli(capfd, *arguments, "--epochs", "1")[0] == 0
+    (output / "model.keras").unlink()  # as if stopped after its first epoch
+    last = output / "checkpoints" / "last.keras"
+    history = output / "history.csv"
+    saved = {path: path.read_bytes() for path in (last, history)}
+
+    def refused(message, *changes):
+        code, _, err = run_cli(capfd, *arguments, "--epochs", "2", "--resume", *changes)
+        assert code == 1 and err.strip().splitlines() == [err.strip()], err
+        assert message in err, err
+
+    refused("with another model: the run trains {'embed_dims': [8, 16, 24, 32]",
+            "--model", wider)
+    refused("on data of other classes: the run trains 2 (circle, square), the data has 3",
+            "--data", more)
+    history.unlink()
+    refused("its history.csv, which counts the epochs of checkpoints/last.keras, is unreadable")
+    history.write_bytes(saved[history])
+    last.write_bytes(saved[last][:5000])
+    refused(f"cannot resume from {last}:")
+    last.write_bytes(saved[last])
+    for damaged in (b"\x84\xff binary", b"[1, 2]"):
+        (output / "run.json").write_bytes(damaged)
+        refused("already holds files that are not a training run")
+    assert (output / "run.json").read_bytes() == damaged  # untouched
+
+
+@pytest.mark.parametrize("tf_config", ["[]", '{"cluster": [1]}', "not json"])
+def test_a_malformed_tf_config_is_named(tf_config, monkeypatch):
+    """The default strategy reads TF_CONFIG: a list was an AttributeError traceback."""
+    monkeypatch.setenv("TF_CONFIG", tf_config)
+    for strategy in ("auto", "multi_worker"):
+        with pytest.raises(training.TrainingError,
+                           match="TF_CONFIG must be a JSON object such as"):
+            training.make_strategy(strategy)
+
+
 def test_fine_tuning_weights_bring_all_but_a_head_of_another_size(random_reference, tmp_path):
     import keras_twins
 
