@@ -69,8 +69,9 @@ def main(argv=None):
     export.add_argument("--quantize", default="none",
                         help="TFLite: none, float16, dynamic, int8 or int8-mixed")
     export.add_argument("--representative-data", help="image folder for int8 calibration")
-    export.add_argument("--image-size", type=int, nargs="+", metavar="H [W]",
-                        help="input size (default: the .keras model's, else 224)")
+    export.add_argument("--image-size", type=int, nargs="+", metavar="SIDE",
+                        help="H, or H W: the input size (default: the .keras model's, "
+                             "else 224)")
     export.add_argument("--batch-size", type=int, default=1)
     export.add_argument("--logits", action="store_true",
                         help="output logits instead of probabilities")
@@ -83,7 +84,8 @@ def main(argv=None):
                        help="variant name, or a JSON file of keras_twins.Twins arguments")
     train.add_argument("--weights", default="none",
                        help="'none' (default), 'imagenet' or a checkpoint path")
-    train.add_argument("--image-size", type=int, nargs="+", default=[224], metavar="H [W]")
+    train.add_argument("--image-size", type=int, nargs="+", default=[224], metavar="SIDE",
+                       help="H, or H W (default: 224)")
     train.add_argument("--epochs", type=int, default=300)
     train.add_argument("--batch-size", type=int, default=128, help="per replica")
     train.add_argument("--augment", default="imagenet", help="imagenet, light or none")
@@ -270,8 +272,8 @@ def _export(args):
 
     image_size = args.image_size
     if image_size is not None:
-        if len(image_size) > 2 or min(image_size) < 32:
-            raise CommandError("--image-size takes H [W], each at least 32. "
+        if len(image_size) > 2:  # the smallest size is the model's, which `export` checks
+            raise CommandError("--image-size takes H or H W. "
                                f"Received: {' '.join(map(str, image_size))}")
         image_size = tuple((image_size * 2)[:2])
     try:

@@ -333,7 +333,8 @@ def test_cli_export_writes_a_file_and_reports(tmp_path):
     assert outputs.shape == (1, 10)
     for bad, named in [(["--format", "coreml"], "coreml"),
                        (["--format", "tflite", "--quantize", "int8"], "representative_data"),
-                       (["--format", "tflite", "--image-size", "16"], "--image-size"),
+                       (["--format", "tflite", "--image-size", "16"], "at least 32x32"),
+                       (["--format", "tflite", "--image-size", "64", "64", "3"], "H or H W"),
                        (["--format", "onnx", "--output", str(tmp_path)], "is a folder")]:
         failed = subprocess.run(
             [sys.executable, "-m", "keras_twins", "export", "--model", str(config),
@@ -344,6 +345,29 @@ def test_cli_export_writes_a_file_and_reports(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error:") and named in lines[0], lines
         assert not (tmp_path / "bad.tflite").exists()
     assert config.exists() and output.exists()
+
+
+def test_cli_export_takes_the_smallest_size_of_the_model(tmp_path, capsys):
+    """--image-size was refused under 32 whatever the model."""
+    from keras_twins import cli
+
+    two_stages = tmp_path / "two_stages.json"
+    two_stages.write_text(json.dumps(dict(embed_dims=[8, 16], depths=[1, 2], num_heads=[1, 2],
+                                          mlp_ratios=[2, 2], sr_ratios=[8, 2],
+                                          window_sizes=[7, 7])))
+    patch_8 = tmp_path / "patch_8.json"
+    patch_8.write_text(json.dumps(dict(TINY, patch_size=8)))
+    common = ["export", "--weights", "none", "--format", "tflite"]
+    assert cli.main([*common, "--model", str(two_stages), "--image-size", "16",
+                     "--output", str(tmp_path / "two.tflite")]) == 0, capsys.readouterr().err
+    outputs, _ = run_tflite(tmp_path / "two.tflite", np.zeros((1, 16, 16, 3), np.float32))
+    assert outputs.shape == (1, 1000)
+    capsys.readouterr()
+    assert cli.main([*common, "--model", str(patch_8), "--image-size", "48",
+                     "--output", str(tmp_path / "p8.tflite")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "at least 64x64" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "p8.tflite").exists()
 
 
 def test_calibration_draws_from_every_class_folder(tmp_path):
