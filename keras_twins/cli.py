@@ -152,6 +152,7 @@ def _predict(args):
     from keras_twins import variants
     from keras_twins.export import class_names
     from keras_twins.images import load_image
+    from keras_twins.model import classifier_outputs
     from keras_twins.pretrained import WeightsDownloadError
 
     if args.top < 1:
@@ -168,7 +169,8 @@ def _predict(args):
             model = _model(args.model, args.weights)
     except (ValueError, WeightsDownloadError) as error:
         raise CommandError(_one_line(error)) from None
-    if len(model.output_shape) != 2:
+    outputs = classifier_outputs(model)
+    if outputs is None:
         raise CommandError(f"{args.model}: not an image classifier (its output has shape "
                            f"{model.output_shape}, not (batch, classes))")
     # A model trained at another size (a .keras file) gets its own size.
@@ -177,6 +179,8 @@ def _predict(args):
     names = class_names(model, args.model if _is_keras_file(args.model) else None)
     results = []
     for path, row in _predicted(model, args.images, size, load_image):
+        if outputs == "logits":  # a head without softmax (classifier_activation=None)
+            row = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
         best = row.argsort()[::-1][: args.top]
         results.append({
             "image": path,

@@ -20,6 +20,7 @@ import tensorflow as tf
 from keras_twins.checks import is_whole
 from keras_twins.data import IMAGE_SUFFIXES
 from keras_twins.layers.attention import products_as_fully_connected
+from keras_twins.model import classifier_outputs
 from keras_twins.model import smallest_image_side
 
 FORMATS = ("saved_model", "tflite", "onnx")
@@ -223,6 +224,9 @@ def export_size(model, image_size):
 
 def _forward(model, output):
     names = {layer.name for layer in model.layers}
+    if output == "probabilities" and classifier_outputs(model) == "logits":
+        # A head without softmax (classifier_activation=None).
+        return lambda images: keras.ops.softmax(model(images, training=False), axis=-1)
     if output == "probabilities" or "head" not in names:
         # A model without a classification head (SemanticFPN) runs as it is.
         return lambda images: model(images, training=False)

@@ -213,6 +213,19 @@ def check_images(model, inputs):
                          f"pixels. Received: inputs.shape={shape}")
 
 
+def classifier_outputs(model):
+    """What a classifier's `(batch, classes)` output holds: `"probabilities"`,
+    or `"logits"` where its last layer is linear (`classifier_activation=None`).
+    `None` for a model that is not a classifier: features, pooled or not, or
+    a segmentation map."""
+    last = model.layers[-1]
+    if len(model.output_shape) != 2 or not (hasattr(last, "activation")
+                                            or isinstance(last, keras.layers.Softmax)):
+        return None
+    return "logits" if getattr(last, "activation", None) is keras.activations.linear else (
+        "probabilities")
+
+
 def smallest_image_side(model):
     """The smallest image height and width `model` takes: every stage's map
     keeps a token after its sub-sampling. Read from the Twins layers, so that

@@ -37,6 +37,7 @@ from keras_twins.checks import is_whole
 from keras_twins.export import run_labels
 from keras_twins.export import write_text
 from keras_twins.layers import PositionalEncodingGenerator
+from keras_twins.model import classifier_outputs
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 MIXED_PRECISION = {None: None, "none": None, "float16": "mixed_float16",
@@ -551,6 +552,10 @@ def evaluate(data, model_file, split="auto", batch_size=64, data_dir=None,
     height, width = model.input_shape[1:3]
     if height is None or width is None:
         height = width = variants.DEFAULT_IMAGE_SIZE
+    outputs = classifier_outputs(model)
+    if outputs is None:
+        raise TrainingError(f"{model_file}: not an image classifier (its output has shape "
+                            f"{model.output_shape}, not (batch, classes))")
     classes = model.output_shape[-1]
     if classes != len(evaluation.class_names):
         raise TrainingError(f"the model has {classes} classes, the {split} split "
@@ -564,7 +569,7 @@ def evaluate(data, model_file, split="auto", batch_size=64, data_dir=None,
             f"the {split} split's classes are not the ones the model was trained on "
             f"(labels.txt): label {differ} is {evaluation.class_names[differ]!r} in the "
             f"split and {trained_on[differ]!r} in the model")
-    model.compile(loss=keras.losses.CategoricalCrossentropy(),
+    model.compile(loss=keras.losses.CategoricalCrossentropy(from_logits=outputs == "logits"),
                   metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
                            keras.metrics.TopKCategoricalAccuracy(k=min(5, classes),
                                                                  name="top5")])

@@ -347,6 +347,27 @@ def test_cli_export_writes_a_file_and_reports(tmp_path):
     assert config.exists() and output.exists()
 
 
+def test_probabilities_from_a_head_without_softmax(tmp_path):
+    """classifier_activation=None: the "probabilities" file gave its logits."""
+    from keras_twins.model import classifier_outputs
+
+    model = keras_twins.Twins(**TINY, input_shape=(32, 32, 3), classes=3,
+                              classifier_activation=None)
+    assert classifier_outputs(model) == "logits"
+    assert classifier_outputs(keras_twins.Twins(**TINY, input_shape=(32, 32, 3))) == (
+        "probabilities")
+    for pooling in (None, "avg"):
+        assert classifier_outputs(keras_twins.Twins(**TINY, input_shape=(32, 32, 3),
+                                                    include_top=False, pooling=pooling)) is None
+    images = np.random.default_rng(0).uniform(0, 255, (1, 32, 32, 3)).astype(np.float32)
+    expected = keras.ops.softmax(model(images)).numpy()
+    for output in ("probabilities", "logits"):
+        path = export(model, tmp_path / f"{output}.tflite", output=output)
+        outputs, _ = run_tflite(path, images)
+        np.testing.assert_allclose(outputs, expected if output == "probabilities"
+                                   else model(images).numpy(), atol=1e-5)
+
+
 def test_cli_export_takes_the_smallest_size_of_the_model(tmp_path, capsys):
     """--image-size was refused under 32 whatever the model."""
     from keras_twins import cli

@@ -437,6 +437,34 @@ def test_bad_settings_and_model_files_give_one_line_errors(tmp_path, capfd):
     assert code == 1 and "not an image classifier" in err, err
 
 
+def test_a_head_without_softmax_is_scored_and_shown_as_probabilities(tmp_path, capfd):
+    """classifier_activation=None: evaluate took its logits for probabilities
+    (loss 2.28 against 1.35 here) and predict printed them as such; a model
+    without a head was "a model of 64 classes"."""
+    data = image_folder(tmp_path / "data", per_class=4)
+    softmax = keras_twins.Twins(**TINY, input_shape=(32, 32, 3), classes=2)
+    logits = keras_twins.Twins(**TINY, input_shape=(32, 32, 3), classes=2,
+                               classifier_activation=None)
+    logits.set_weights(softmax.get_weights())
+    features = keras_twins.Twins(**TINY, input_shape=(32, 32, 3), include_top=False)
+    for name, model in [("softmax", softmax), ("logits", logits), ("features", features)]:
+        model.save(tmp_path / f"{name}.keras")
+    scores = {name: training.evaluate(data, tmp_path / f"{name}.keras", verbose=0)
+              for name in ("softmax", "logits")}
+    assert scores["softmax"]["loss"] == pytest.approx(scores["logits"]["loss"], abs=1e-5)
+    image = data / "train" / "circle" / "0.png"
+    shown = {}
+    for name in ("softmax", "logits"):
+        code, out, err = run_cli(capfd, "predict", "--model", tmp_path / f"{name}.keras",
+                                 "--json", image)
+        assert code == 0, err
+        shown[name] = [p["probability"] for p in json.loads(out)[0]["predictions"]]
+    assert shown["logits"] == pytest.approx(shown["softmax"], abs=1e-6)
+    assert sum(shown["logits"]) == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(training.TrainingError, match="not an image classifier"):
+        training.evaluate(data, tmp_path / "features.keras", verbose=0)
+
+
 def test_the_smallest_training_size_follows_a_json_architecture(tmp_path, capfd):
     """--image-size was refused under 32 whatever the model; and a JSON model
     that needs more failed in its builder, after the run had claimed --output."""
