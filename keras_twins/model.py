@@ -340,12 +340,13 @@ def _input_shape(input_shape, input_tensor, include_top, minimum):
     if input_shape is None:
         size = variants.DEFAULT_IMAGE_SIZE if include_top else None
         input_shape = (size, size, 3)
-    input_shape = tuple(input_shape)
-    if len(input_shape) != 3:
+    if isinstance(input_shape, (str, bytes)) or not hasattr(input_shape, "__len__") or len(
+            input_shape) != 3:  # an int was a TypeError from tuple(); "64" read as ('6', '4')
         raise ValueError(
             "`input_shape` must be (height, width, channels). "
-            f"Received: input_shape={input_shape}"
+            f"Received: input_shape={input_shape!r}"
         )
+    input_shape = tuple(input_shape)
     if not all(side is None or is_whole(side) for side in input_shape):
         raise ValueError(
             "`input_shape` must hold whole numbers (or None for any size). "

@@ -168,6 +168,9 @@ def test_input_tensor_is_used():
     (dict(input_shape=(224, 224, 1)), "3 channels; Received `input_shape=(224, 224, 1)`"),
     (dict(input_shape=(31, 224, 3)), "at least 32x32; Received: input_shape=(31, 224, 3)"),
     (dict(input_shape=(224, 3)), "Received: input_shape=(224, 3)"),
+    # A TypeError from tuple(), and ('2', '2', '4').
+    (dict(input_shape=224), "must be (height, width, channels). Received: input_shape=224"),
+    (dict(input_shape="224"), "Received: input_shape='224'"),
     # Keras' own error for a float size came from deep inside its variables.
     (dict(input_shape=(224.0, 224.0, 3)), "whole numbers (or None for any size)"),
     (dict(include_top=False, pooling="mean"), "Received: pooling='mean'"),
