@@ -12,7 +12,6 @@ timed at batch 1, in one table. The training curves
 are in OUTPUT/run/training.png. About 2 minutes on 2 CPU cores.
 """
 
-import argparse
 import os
 import shutil
 import sys
@@ -24,6 +23,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from keras_twins import data as data_lib  # noqa: E402
+from keras_twins.cli import ArgumentParser  # noqa: E402
 from keras_twins.cli import format_table  # noqa: E402
 from keras_twins.export import export  # noqa: E402
 from keras_twins.training import train  # noqa: E402
@@ -36,11 +36,13 @@ IMAGE_SIZE = 32
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=os.path.join("build", "demo"),
                         help="the demo's folder, replaced on each run (default build/demo)")
     parser.add_argument("--epochs", type=int, default=8)
     args = parser.parse_args(argv)
+    if args.epochs < 1:
+        parser.error(f"--epochs must be at least 1. Received: {args.epochs}")
 
     if os.path.isdir(args.output) and not os.path.exists(os.path.join(args.output, "digits")):
         sys.exit(f"error: {args.output} exists and is not a demo folder; choose another "

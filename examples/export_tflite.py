@@ -9,8 +9,8 @@ model, and prints the top-1 agreement, the largest probability difference,
 the file sizes and the GPU-delegate verdict.
 """
 
-import argparse
 import os
+import sys
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 from ai_edge_litert.interpreter import Interpreter  # noqa: E402
 
 import keras_twins  # noqa: E402
+from keras_twins.cli import ArgumentParser  # noqa: E402
 from keras_twins.export import export  # noqa: E402
 from keras_twins.export import tflite_report  # noqa: E402
 
@@ -36,17 +37,21 @@ def run(path, images):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="twins_svt_small")
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="twins_svt_small",
+                        choices=sorted(keras_twins.CONSTRUCTORS))
     parser.add_argument("--weights", default="imagenet", help="imagenet, a path, or none")
     parser.add_argument("--output-dir", default="exported")
     parser.add_argument("images", nargs="*")
     args = parser.parse_args()
 
     weights = None if args.weights == "none" else args.weights
-    model = keras_twins.CONSTRUCTORS[args.model](weights=weights)
-    images = args.images or _sample_photos()
-    batch = np.stack([keras_twins.load_image(path) for path in images])
+    try:
+        model = keras_twins.CONSTRUCTORS[args.model](weights=weights)
+        images = args.images or _sample_photos()
+        batch = np.stack([keras_twins.load_image(path) for path in images])
+    except (ValueError, OSError) as error:  # keras_twins' errors name the problem
+        sys.exit(f"error: {' '.join(str(error).split())}")
     expected = model.predict(batch, verbose=0)
 
     os.makedirs(args.output_dir, exist_ok=True)

@@ -11,15 +11,16 @@ augmentation, a lower peak learning rate, one warm-up epoch, drop path 0.1.
 Then the trained model is exported to TFLite for a phone.
 """
 
-import argparse
 import os
+import sys
 
+from keras_twins.cli import ArgumentParser
 from keras_twins.export import export
 from keras_twins.training import train
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data")
     parser.add_argument("--output", required=True)
     parser.add_argument("--model", default="twins_svt_small")
@@ -29,10 +30,13 @@ def main():
     parser.add_argument("--image-size", type=int, default=224)
     args = parser.parse_args()
 
-    result = train(args.data, args.model, output=args.output, weights=args.weights,
-                   image_size=args.image_size, epochs=args.epochs,
-                   batch_size=args.batch_size, augment="light", learning_rate=1e-4,
-                   warmup_epochs=1, drop_path_rate=0.1, weight_decay=0.05)
+    try:
+        result = train(args.data, args.model, output=args.output, weights=args.weights,
+                       image_size=args.image_size, epochs=args.epochs,
+                       batch_size=args.batch_size, augment="light", learning_rate=1e-4,
+                       warmup_epochs=1, drop_path_rate=0.1, weight_decay=0.05)
+    except (ValueError, OSError) as error:  # keras_twins' errors name the problem
+        sys.exit(f"error: {' '.join(str(error).split())}")
     print(f"classes: {', '.join(result.class_names)}")
     if "val_accuracy" in result.history:
         print(f"validation top-1: {result.history['val_accuracy'][-1]:.4f}")

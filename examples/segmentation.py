@@ -12,7 +12,6 @@ ImageNet weights; the head is new. Writes the model to OUTPUT/model.keras and
 OUTPUT/predictions.png: image, ground truth and prediction side by side.
 """
 
-import argparse
 import os
 import sys
 
@@ -24,12 +23,13 @@ import tensorflow as tf  # noqa: E402
 
 import keras_twins  # noqa: E402
 from keras_twins import segmentation  # noqa: E402
+from keras_twins.cli import ArgumentParser  # noqa: E402
 
 PALETTE = np.array([[0, 0, 0], [230, 80, 40], [40, 110, 230], [240, 220, 60]], np.uint8)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="tfds:oxford_iiit_pet")
     parser.add_argument("--model", default="twins_svt_small",
                         choices=sorted(keras_twins.CONSTRUCTORS))

@@ -14,13 +14,14 @@ paper's: 300 epochs, AdamW at 1e-3 x global batch / 1024, weight decay 0.05,
 Killed or preempted, the same command resumes from `OUTPUT/backup`.
 """
 
-import argparse
+import sys
 
+from keras_twins.cli import ArgumentParser
 from keras_twins.training import train
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--manual-dir", required=True, help="folder of the ImageNet tars")
     parser.add_argument("--data-dir", help="tensorflow-datasets data folder")
     parser.add_argument("--output", required=True)
@@ -32,11 +33,14 @@ def main():
     parser.add_argument("--mixed-precision", default="bfloat16")
     args = parser.parse_args()
 
-    result = train("tfds:imagenet2012", args.model, output=args.output, image_size=224,
-                   epochs=args.epochs, batch_size=args.batch_size, augment="imagenet",
-                   strategy=args.strategy, tpu=args.tpu,
-                   mixed_precision=args.mixed_precision, backup_freq=1000,
-                   data_dir=args.data_dir, manual_dir=args.manual_dir)
+    try:
+        result = train("tfds:imagenet2012", args.model, output=args.output, image_size=224,
+                       epochs=args.epochs, batch_size=args.batch_size, augment="imagenet",
+                       strategy=args.strategy, tpu=args.tpu,
+                       mixed_precision=args.mixed_precision, backup_freq=1000,
+                       data_dir=args.data_dir, manual_dir=args.manual_dir)
+    except (ValueError, OSError) as error:  # keras_twins' errors name the problem
+        sys.exit(f"error: {' '.join(str(error).split())}")
     print(f"validation top-1 {result.history['val_accuracy'][-1]:.4f}, "
           f"top-5 {result.history['val_top5'][-1]:.4f}; model in {args.output}/model.keras")
 
