@@ -273,6 +273,40 @@ def test_tfds_source_and_mixed_precision_train_with_finite_losses(precision, jit
     assert {layer.dtype_policy.name for layer in saved.layers} == {"float32"}
 
 
+def test_a_tfds_dataset_is_prepared_for_real(tmp_path):
+    """Preparing any tensorflow-datasets dataset needed importlib_resources,
+    which tensorflow-datasets does not install: `tfds:NAME` failed with
+    ModuleNotFoundError for every dataset not prepared before. The mocked
+    builders of the other tests skip that step."""
+    import tensorflow_datasets as tfds
+
+    class KerasTwinsTestShapes(tfds.core.GeneratorBasedBuilder):
+        # A module inside a package, as every tensorflow-datasets builder's:
+        # tfds looks for checksums beside it.
+        __module__ = "keras_twins.test_shapes"
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return self.dataset_info_from_configs(
+                features=tfds.features.FeaturesDict({
+                    "image": tfds.features.Image(shape=(None, None, 3)),
+                    "label": tfds.features.ClassLabel(names=["dark", "light"])}),
+                supervised_keys=("image", "label"))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i in range(6):
+                image = np.full((20 + i, 24, 3), 40 + 160 * (i % 2), np.uint8)
+                yield i, {"image": image, "label": i % 2}
+
+    split = data_lib.load_split("tfds:keras_twins_test_shapes", "train", str(tmp_path))
+    assert split.class_names == ["dark", "light"] and split.num_examples == 6
+    labels = sorted(int(label) for _, label in split.dataset.as_numpy_iterator())
+    assert labels == [0, 0, 0, 1, 1, 1]
+
+
 def test_the_weight_decay_spares_biases_norms_and_the_peg():
     model = keras_twins_tiny()
     optimizer = training.make_optimizer(model, learning_rate=0.1, weight_decay=0.5)
