@@ -14,9 +14,11 @@ Then the trained model is exported to TFLite for a phone.
 import os
 import sys
 
-from keras_twins.cli import ArgumentParser
-from keras_twins.export import export
-from keras_twins.training import train
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from keras_twins.cli import ArgumentParser  # noqa: E402
+from keras_twins.export import export  # noqa: E402
+from keras_twins.training import train  # noqa: E402
 
 
 def main():

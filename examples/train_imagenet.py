@@ -14,10 +14,13 @@ paper's: 300 epochs, AdamW at 1e-3 x global batch / 1024, weight decay 0.05,
 Killed or preempted, the same command resumes from `OUTPUT/backup`.
 """
 
+import os
 import sys
 
-from keras_twins.cli import ArgumentParser
-from keras_twins.training import train
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from keras_twins.cli import ArgumentParser  # noqa: E402
+from keras_twins.training import train  # noqa: E402
 
 
 def main():
