@@ -180,7 +180,8 @@ def _predict(args):
     results = []
     for path, row in _predicted(model, args.images, size, load_image):
         if outputs == "logits":  # a head without softmax (classifier_activation=None)
-            row = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
+            row = np.exp(row - row.max())
+            row /= row.sum()
         best = row.argsort()[::-1][: args.top]
         results.append({
             "image": path,

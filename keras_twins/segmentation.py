@@ -47,7 +47,7 @@ class ResizeLike(keras.layers.Layer):
 @register
 class SegmentationModel(keras.Model):
     """The functional Semantic FPN network; a batch it cannot take is refused
-    in one line (`model.check_images`), not deep inside a convolution."""
+    in one line (`keras_twins.model.check_images`), not deep inside a convolution."""
 
     def call(self, inputs, training=None, mask=None):
         check_images(self, inputs)

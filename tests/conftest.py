@@ -20,6 +20,9 @@ TINY = dict(
     window_sizes=(7, 7, 7, 7),
 )
 TINY_PCPVT = {**TINY, "window_sizes": None}
+# Two stages, the second's GSA sub-sampling by 2: an SVT that takes 16x16 images.
+TWO_STAGES = dict(embed_dims=(8, 16), depths=(1, 2), num_heads=(1, 2), mlp_ratios=(2, 2),
+                  sr_ratios=(8, 2), window_sizes=(7, 7))
 
 
 def write_oversized_png(path, side=20000):

@@ -16,6 +16,7 @@ from PIL import Image
 import keras_twins
 from conftest import TINY
 from conftest import TINY_PCPVT
+from conftest import TWO_STAGES
 from conftest import write_oversized_png
 from keras_twins.export import FLOAT_IN_MIXED_INT8
 from keras_twins.export import ExportError
@@ -373,9 +374,7 @@ def test_cli_export_takes_the_smallest_size_of_the_model(tmp_path, capsys):
     from keras_twins import cli
 
     two_stages = tmp_path / "two_stages.json"
-    two_stages.write_text(json.dumps(dict(embed_dims=[8, 16], depths=[1, 2], num_heads=[1, 2],
-                                          mlp_ratios=[2, 2], sr_ratios=[8, 2],
-                                          window_sizes=[7, 7])))
+    two_stages.write_text(json.dumps(TWO_STAGES))
     patch_8 = tmp_path / "patch_8.json"
     patch_8.write_text(json.dumps(dict(TINY, patch_size=8)))
     common = ["export", "--weights", "none", "--format", "tflite"]

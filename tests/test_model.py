@@ -12,6 +12,7 @@ import keras
 import keras_twins
 from conftest import TINY
 from conftest import TINY_PCPVT
+from conftest import TWO_STAGES
 
 EXPECTED_PARAMETERS = {
     keras_twins.TwinsPCPVTSmall: 24_106_216,
@@ -193,10 +194,6 @@ def test_a_grayscale_batch_is_refused_not_broadcast():
     for run in (model, lambda x: model.predict(x, verbose=0)):
         with pytest.raises(ValueError, match=re.escape("3 (RGB) channels")):
             run(gray)
-
-
-TWO_STAGES = dict(embed_dims=(8, 16), depths=(1, 2), num_heads=(1, 2), mlp_ratios=(2, 2),
-                  sr_ratios=(8, 2), window_sizes=(7, 7))
 
 
 @pytest.mark.parametrize("architecture, smallest", [

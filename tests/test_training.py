@@ -20,6 +20,7 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import TINY
+from conftest import TWO_STAGES
 import keras_twins
 from keras_twins import cli
 from keras_twins import data as data_lib
@@ -504,9 +505,7 @@ def test_the_smallest_training_size_follows_a_json_architecture(tmp_path, capfd)
     that needs more failed in its builder, after the run had claimed --output."""
     data = image_folder(tmp_path / "data", per_class=4, size=(16, 16))
     two_stages = tmp_path / "two_stages.json"
-    two_stages.write_text(json.dumps(dict(embed_dims=[8, 16], depths=[1, 2], num_heads=[1, 2],
-                                          mlp_ratios=[2, 2], sr_ratios=[8, 2],
-                                          window_sizes=[7, 7])))
+    two_stages.write_text(json.dumps(TWO_STAGES))
     patch_8 = tmp_path / "patch_8.json"
     patch_8.write_text(json.dumps(dict(TINY, patch_size=8)))
     common = ["train", "--data", data, "--epochs", "1", "--batch-size", "4", "--augment", "none"]
