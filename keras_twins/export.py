@@ -242,10 +242,20 @@ def _forward(model, output):
 def _check_replaceable(path, format):
     """Refuses an output path whose replacement would lose something else.
 
-    A file is overwritten, as Keras' `save` does. A directory is replaced only
-    by a SavedModel, and only if it is an empty folder or a SavedModel itself:
-    `--output` naming a folder by mistake must not delete that folder.
+    A file is overwritten only if its name ends as this format's files do
+    (`.tflite`, `.onnx`): `model.keras` or `notes.txt` named by mistake must
+    not be lost, and a `.onnx` name for a TFLite file is a mistake too. A
+    directory is replaced only by a SavedModel, and only if it is an empty
+    folder or a SavedModel itself: `--output` naming a folder by mistake must
+    not delete that folder.
     """
+    suffix = os.path.splitext(path)[1].lower()
+    named_for = {f".{other}": other for other in ("tflite", "onnx")}.get(suffix)
+    if named_for not in (None, format):
+        raise ExportError(f"{path}: a {suffix} name for a {format} export; name it for "
+                          f"{format}, or pass format={named_for!r}")
+    if os.path.isfile(path) and format != "saved_model" and suffix != f".{format}":
+        raise ExportError(f"{path}: exists and is not a .{format} file; choose another path")
     if not os.path.isdir(path):
         if format == "saved_model" and os.path.lexists(path):
             raise ExportError(f"{path}: is a file; a SavedModel is a folder")

@@ -307,6 +307,18 @@ def test_an_output_path_that_names_other_things_loses_nothing(tmp_path):
     keep.write_text("keep me")
     with pytest.raises(ExportError, match="is a file"):
         export(model, keep, format="saved_model")
+    # A file of another kind was overwritten: a run's model.keras, say.
+    keras_file = tmp_path / "model.keras"
+    keras_file.write_bytes(b"the trained model")
+    for path, format in [(keep, "tflite"), (keras_file, "onnx")]:
+        with pytest.raises(ExportError, match=f"exists and is not a .{format} file"):
+            export(model, path, format=format)
+    keras_file.unlink()
+    for path, format, named in [("model.onnx", "tflite", "onnx"),
+                                ("model.tflite", "onnx", "tflite"),
+                                ("saved.tflite", "saved_model", "tflite")]:
+        with pytest.raises(ExportError, match=f"pass format='{named}'"):
+            export(model, tmp_path / path, format=format)
     assert (folder / "cat.jpg").read_bytes() == b"keep me" and keep.read_text() == "keep me"
     assert sorted(os.listdir(tmp_path)) == ["notes.txt", "photos"]
 
