@@ -203,6 +203,11 @@ def check_images(model, inputs):
     (any-size models), failed deep in the graph.
     """
     shape = tuple(getattr(inputs, "shape", (None,)))
+    if len(shape) != 4 and shape != (None,):
+        # One image without its batch axis: Keras' error printed every pixel.
+        raise ValueError(f"`{model.name}` takes a batch of images, (batch, height, width, 3); "
+                         f"for one image, add the batch axis (image[None]). "
+                         f"Received: inputs.shape={shape}")
     channels, expected = shape[-1], model.input_shape[-1]
     if None not in (channels, expected) and channels != expected:
         raise ValueError(f"`{model.name}` takes images with {expected} (RGB) channels in "

@@ -196,6 +196,17 @@ def test_a_grayscale_batch_is_refused_not_broadcast():
             run(gray)
 
 
+def test_one_image_without_its_batch_axis_is_named():
+    """Keras' error for an (H, W, 3) image printed its pixels and named no batch axis."""
+    model = keras_twins.Twins(**TINY, input_shape=(None, None, 3), classes=10)
+    image = np.zeros((64, 64, 3), np.float32)
+    for run in (model, lambda x: model.predict(x, verbose=0)):
+        with pytest.raises(ValueError, match=re.escape("add the batch axis (image[None]). "
+                                                       "Received: inputs.shape=(")):
+            run(image)
+    assert model(image[None]).shape == (1, 10)
+
+
 @pytest.mark.parametrize("architecture, smallest", [
     (TINY, 32),
     (dict(TINY, patch_size=8), 64),
