@@ -454,12 +454,17 @@ def run_labels(model_file, classes):
         folder = os.path.dirname(folder)
     if not os.path.isfile(os.path.join(folder, "run.json")):
         return None
+    names = read_labels(os.path.join(folder, "labels.txt"))
+    return names if names is not None and len(names) == classes and all(names) else None
+
+
+def read_labels(path):
+    """The lines of a `labels.txt`, or None if it cannot be read as UTF-8 text."""
     try:
-        with open(os.path.join(folder, "labels.txt"), encoding="utf-8") as f:
-            names = f.read().splitlines()
+        with open(path, encoding="utf-8") as f:
+            return f.read().splitlines()
     except (OSError, UnicodeDecodeError):
         return None
-    return names if len(names) == classes and all(names) else None
 
 
 def _checked_labels(model, labels):

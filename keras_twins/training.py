@@ -34,6 +34,7 @@ import tensorflow as tf
 from keras_twins import data as data_lib
 from keras_twins import variants
 from keras_twins.checks import is_whole
+from keras_twins.export import read_labels
 from keras_twins.export import run_labels
 from keras_twins.export import write_text
 from keras_twins.layers import PositionalEncodingGenerator
@@ -690,15 +691,16 @@ def _check_output(output, settings, resume, epochs, class_names):
             what = "a finished run" if finished else "a run with other settings"
             raise TrainingError(f"{output} already holds {what}; choose a new output "
                                 "folder, or pass --resume to continue it")
-        if started and resume and previous.get("model") != current["model"]:
+        if started and resume:
             # Its weights would not fit: Keras listed every layer, thousands of characters.
-            raise TrainingError(f"cannot resume {output} with another model: the run trains "
-                                f"{str(previous.get('model'))[:200]}")
-        labels = _read_labels(os.path.join(output, "labels.txt"))
-        if started and resume and labels is not None and labels != list(class_names):
-            raise TrainingError(f"cannot resume {output} on data of other classes: the run "
-                                f"trains {len(labels)} ({', '.join(labels)[:200]}), the data "
-                                f"has {len(class_names)}")
+            if previous.get("model") != current["model"]:
+                raise TrainingError(f"cannot resume {output} with another model: the run "
+                                    f"trains {str(previous.get('model'))[:200]}")
+            labels = read_labels(os.path.join(output, "labels.txt"))
+            if labels is not None and labels != list(class_names):
+                raise TrainingError(f"cannot resume {output} on data of other classes: the "
+                                    f"run trains {len(labels)} ({', '.join(labels)[:200]}), "
+                                    f"the data has {len(class_names)}")
         if resume and not os.path.isdir(backup) and os.path.exists(last):
             history = os.path.join(output, "history.csv")
             try:
@@ -712,14 +714,6 @@ def _check_output(output, settings, resume, epochs, class_names):
                                     "pass more --epochs to continue it")
             start = _Start(initial_epoch=done, weights_from=last)
     return start
-
-
-def _read_labels(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().splitlines()
-    except (OSError, ValueError):
-        return None
 
 
 def _record_run(output, settings, class_names):

@@ -24,8 +24,8 @@ def min_image_size(patch_size, sr_ratios, depths=None, window_sizes=None):
         lsa_only = [False] * len(sr_ratios)
     else:
         lsa_only = [depth < 2 for depth in depths]  # SVT's GSA blocks are its odd ones
-    return max(patch_size * 2**stage * (1 if only_lsa else max(sr, 1))
-               for stage, (sr, only_lsa) in enumerate(zip(sr_ratios, lsa_only)))
+    return max(patch_size * 2**stage * (1 if lsa else max(sr, 1))
+               for stage, (sr, lsa) in enumerate(zip(sr_ratios, lsa_only)))
 
 
 MIN_IMAGE_SIZE = min_image_size(4, SR_RATIOS)
