@@ -28,6 +28,9 @@ TFDS_PREFIX = "tfds:"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 VALIDATION_SPLITS = ("validation", "val", "test")
 AUGMENTATIONS = ("imagenet", "light", "none")
+# Images are (height, width, 3) whatever keras.config.image_data_format() says,
+# so Keras' augmentation layers are told so.
+CHANNELS_LAST = dict(data_format="channels_last")
 
 
 class DataError(ValueError):
@@ -272,7 +275,7 @@ def training_pipeline(split, image_size, global_batch_size, augment="imagenet",
     else:
         rand_augment = _rand_augment(policy.rand_augment_magnitude, seed)
         erasing = keras.layers.RandomErasing(
-            factor=policy.random_erasing, value_range=(0, 255), seed=seed,
+            factor=policy.random_erasing, value_range=(0, 255), seed=seed, **CHANNELS_LAST,
         ) if policy.random_erasing else None
 
         def transform(image, label):
@@ -388,12 +391,14 @@ def _rand_augment(magnitude, seed):
         return None
     strength = magnitude / 10.0
     layer = keras.layers.RandAugment(value_range=(0, 255), num_ops=2, factor=strength,
-                                     interpolation="bilinear", seed=seed)
+                                     interpolation="bilinear", seed=seed, **CHANNELS_LAST)
     geometric = dict(
-        random_rotation=keras.layers.RandomRotation(30.0 / 360.0 * strength, seed=seed),
-        random_shear=keras.layers.RandomShear(0.3 * strength, 0.3 * strength, seed=seed),
+        random_rotation=keras.layers.RandomRotation(
+            30.0 / 360.0 * strength, seed=seed, **CHANNELS_LAST),
+        random_shear=keras.layers.RandomShear(
+            0.3 * strength, 0.3 * strength, seed=seed, **CHANNELS_LAST),
         random_translation=keras.layers.RandomTranslation(
-            0.45 * strength, 0.45 * strength, seed=seed),
+            0.45 * strength, 0.45 * strength, seed=seed, **CHANNELS_LAST),
     )
     for name, replacement in geometric.items():
         if name not in type(layer)._AUGMENT_LAYERS:
@@ -407,9 +412,9 @@ def _mixer(policy, seed):
     """MixUp or CutMix on each batch, one of them chosen per batch."""
     mixup = cutmix = None
     if policy.mixup_alpha:
-        mixup = keras.layers.MixUp(alpha=policy.mixup_alpha, seed=seed)
+        mixup = keras.layers.MixUp(alpha=policy.mixup_alpha, seed=seed, **CHANNELS_LAST)
     if policy.cutmix_alpha:
-        cutmix = keras.layers.CutMix(factor=policy.cutmix_alpha, seed=seed)
+        cutmix = keras.layers.CutMix(factor=policy.cutmix_alpha, seed=seed, **CHANNELS_LAST)
 
     def mix(images, labels):
         data = {"images": images, "labels": labels}

@@ -76,9 +76,11 @@ def Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios,
     if include_preprocessing:
         # (x / 255 - mean) / std as one multiply-add whose constants live in
         # the graph (Normalization's captured tensors became uninitialized
-        # variables in TFLite and extra inputs in ONNX).
+        # variables in TFLite and extra inputs in ONNX). The scale is shaped
+        # (1, 1, 3): Rescaling reshapes a flat one to (3, 1, 1) when Keras
+        # defaults to channels first.
         x = keras.layers.Rescaling(
-            scale=[1.0 / (255.0 * s) for s in variants.IMAGENET_STD],
+            scale=[[[1.0 / (255.0 * s) for s in variants.IMAGENET_STD]]],
             offset=[-m / s for m, s in zip(variants.IMAGENET_MEAN, variants.IMAGENET_STD)],
             name="preprocessing",
         )(x)
@@ -112,17 +114,16 @@ def Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios,
                 epsilon=1e-6, name=f"pyramid_norm_{stage}")(x)
     x = LayerNorm(epsilon=1e-6, name="norm")(x)
 
+    if include_top or pooling == "avg":
+        x = keras.layers.GlobalAveragePooling2D(data_format="channels_last", name="avg_pool")(x)
+    elif pooling == "max":
+        x = keras.layers.GlobalMaxPooling2D(data_format="channels_last", name="max_pool")(x)
     if include_top:
-        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
         # float32 under mixed precision too: the logits and softmax must not
         # overflow or lose small probabilities.
         x = keras.layers.Dense(
             classes, activation=classifier_activation, dtype="float32", name="head"
         )(x)
-    elif pooling == "avg":
-        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    elif pooling == "max":
-        x = keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
 
     if input_tensor is not None:
         inputs = keras.utils.get_source_inputs(input_tensor)
@@ -358,8 +359,11 @@ def _input_shape(input_shape, input_tensor, include_top, minimum):
             f"Received: input_shape={input_shape}"
         )
     if input_shape[-1] != 3:
+        # Channels last whatever keras.config.image_data_format() says: the
+        # export contract, timm's features and every layer here are NHWC.
+        layout = " (channels last, as Twins models take them)" if input_shape[0] == 3 else ""
         raise ValueError(
-            f"The input must have 3 channels; Received `input_shape={input_shape}`"
+            f"The input must have 3 channels{layout}; Received `input_shape={input_shape}`"
         )
     if any(side is not None and side < minimum for side in input_shape[:2]):
         raise ValueError(

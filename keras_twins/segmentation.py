@@ -37,7 +37,8 @@ class ResizeLike(keras.layers.Layer):
             return ops.cast(tf.image.resize(source, size, method="bilinear"), source.dtype)
         if (height, width) == tuple(source.shape[1:3]):
             return source  # already that size
-        return ops.image.resize(source, (height, width), interpolation="bilinear")
+        return ops.image.resize(source, (height, width), interpolation="bilinear",
+                                data_format="channels_last")
 
     def compute_output_shape(self, input_shapes):
         source, target = input_shapes
@@ -90,7 +91,7 @@ def SemanticFPN(backbone, num_classes, fpn_channels=256, head_channels=128,
     features = [pyramid[level] for level in levels]
 
     laterals = [
-        keras.layers.Conv2D(fpn_channels, 1, name=f"fpn_lateral_{level}")(feature)
+        _conv(fpn_channels, 1, name=f"fpn_lateral_{level}")(feature)
         for level, feature in zip(levels, features)
     ]
     for i in range(len(laterals) - 1, 0, -1):  # top-down: coarse into fine
@@ -98,7 +99,7 @@ def SemanticFPN(backbone, num_classes, fpn_channels=256, head_channels=128,
         laterals[i - 1] = keras.layers.Add(name=f"fpn_merge_{levels[i - 1]}")(
             [laterals[i - 1], coarser])
     outputs = [
-        keras.layers.Conv2D(fpn_channels, 3, padding="same", name=f"fpn_output_{level}")(x)
+        _conv(fpn_channels, 3, padding="same", name=f"fpn_output_{level}")(x)
         for level, x in zip(levels, laterals)
     ]
 
@@ -106,8 +107,8 @@ def SemanticFPN(backbone, num_classes, fpn_channels=256, head_channels=128,
     for i, (level, x) in enumerate(zip(levels, outputs)):
         for step in range(max(i, 1)):
             prefix = f"head_{level}_{step}"
-            x = keras.layers.Conv2D(head_channels, 3, padding="same", use_bias=False,
-                                    name=f"{prefix}_conv")(x)
+            x = _conv(head_channels, 3, padding="same", use_bias=False,
+                      name=f"{prefix}_conv")(x)
             x = keras.layers.BatchNormalization(epsilon=1e-5, name=f"{prefix}_bn")(x)
             x = keras.layers.ReLU(name=f"{prefix}_relu")(x)
             if i > 0:  # 2x up, to exactly the next finer level's size
@@ -115,10 +116,15 @@ def SemanticFPN(backbone, num_classes, fpn_channels=256, head_channels=128,
         scaled.append(x)
     x = keras.layers.Add(name="head_sum")(scaled)
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
-    x = keras.layers.Conv2D(num_classes, 1, name="classifier")(x)
+    x = _conv(num_classes, 1, name="classifier")(x)
     image = backbone.inputs[0]
     logits = ResizeLike(name="logits", dtype="float32")([x, image])
     return SegmentationModel(image, logits, name=name)
+
+
+def _conv(filters, kernel_size, **kwargs):
+    """A Conv2D on channels-last maps, whatever `keras.config.image_data_format()` says."""
+    return keras.layers.Conv2D(filters, kernel_size, data_format="channels_last", **kwargs)
 
 
 def compile_for_segmentation(model, optimizer=None, ignore_label=IGNORE_LABEL):

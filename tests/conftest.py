@@ -78,3 +78,14 @@ def random_reference(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture
+def channels_first_by_default():
+    """`keras.config.image_data_format()` at "channels_first", as a keras.json can set it."""
+    import keras
+
+    previous = keras.config.image_data_format()
+    keras.config.set_image_data_format("channels_first")
+    yield
+    keras.config.set_image_data_format(previous)

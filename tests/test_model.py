@@ -89,6 +89,35 @@ def test_keras_file_round_trip_gives_identical_outputs(config, tmp_path):
         "stage_1_block_1").drop_path_rate
 
 
+def test_models_stay_channels_last_when_keras_defaults_to_channels_first(
+        tmp_path, channels_first_by_default):
+    # Before, a keras.json with "channels_first" broke the build inside a
+    # Conv2D ("Computed output size would be zero or negative"), and a model
+    # saved in channels-last computed other numbers once loaded there.
+    images = np.random.default_rng(3).uniform(0, 255, (2, 64, 48, 3)).astype("float32")
+    keras.config.set_image_data_format("channels_last")
+    reference = keras_twins.Twins(**TINY, classes=5, input_shape=(None, None, 3))
+    expected = reference.predict(images, verbose=0)
+    reference.save(tmp_path / "m.keras")
+    keras.config.set_image_data_format("channels_first")
+
+    for pooling in ("avg", "max"):
+        features = keras_twins.Twins(**TINY_PCPVT, include_top=False, pooling=pooling)
+        assert features(images).shape == (2, TINY_PCPVT["embed_dims"][-1])
+    model = keras_twins.Twins(**TINY, classes=5, input_shape=(None, None, 3))
+    model.set_weights(reference.get_weights())
+    np.testing.assert_allclose(model.predict(images, verbose=0), expected, atol=1e-6)
+    restored = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(restored.predict(images, verbose=0), expected, atol=1e-6)
+    segmentation = keras_twins.SemanticFPN(
+        keras_twins.Twins(**TINY, include_top=False, input_shape=(None, None, 3)),
+        num_classes=3, fpn_channels=8, head_channels=8)
+    assert segmentation(images).shape == (2, 64, 48, 3)
+    with pytest.raises(ValueError, match=r"3 channels \(channels last, as Twins models "
+                                         r"take them\); Received `input_shape=\(3, 64, 64\)`"):
+        keras_twins.Twins(**TINY, input_shape=(3, 64, 64))
+
+
 def test_predict_and_evaluate_run_each_layer_norm_as_one_onednn_kernel():
     model = keras_twins.Twins(**TINY, classes=10)
     model.compile(loss="categorical_crossentropy", metrics=["accuracy"])

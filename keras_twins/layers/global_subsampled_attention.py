@@ -38,7 +38,7 @@ class GlobalSubsampledAttention(MultiHeadAttentionCore):
         )
         if sr_ratio > 1:
             self.subsample = keras.layers.Conv2D(
-                dim, sr_ratio, strides=sr_ratio, padding="valid",
+                dim, sr_ratio, strides=sr_ratio, padding="valid", data_format="channels_last",
                 dtype=self.dtype_policy, name="subsample",
             )
             self.subsample_norm = LayerNorm(

@@ -26,7 +26,7 @@ class PatchEmbedding(keras.layers.Layer):
         self.patch_size = patch_size
         self.layer_norm_epsilon = layer_norm_epsilon
         self.projection = keras.layers.Conv2D(
-            dim, patch_size, strides=patch_size, padding="valid",
+            dim, patch_size, strides=patch_size, padding="valid", data_format="channels_last",
             dtype=self.dtype_policy, name="projection",
         )
         self.norm = LayerNorm(

@@ -33,7 +33,7 @@ class PositionalEncodingGenerator(keras.layers.Layer):
 
     def call(self, inputs):
         encoding = ops.depthwise_conv(inputs, self.depthwise_kernel, strides=1,
-                                      padding="same")
+                                      padding="same", data_format="channels_last")
         return encoding + self.bias + inputs
 
     def compute_output_shape(self, input_shape):
