@@ -111,6 +111,8 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
                           "input_shape=(None, None, 3) to export another size. "
                           f"Received: image_size={image_size!r}")
     spec = tf.TensorSpec((batch_size, height, width, 3), tf.float32, name="images")
+    if format != "saved_model":
+        model = _computing_in_float32(model)
     function = tf.function(_forward(model, output), input_signature=[spec], autograph=False)
 
     labels = "\n".join(_checked_labels(model, labels)) + "\n"
@@ -130,6 +132,41 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
             _write_onnx(function, spec, staging)
     write_text(os.path.join(directory, "labels.txt"), labels)
     return path
+
+
+def _computing_in_float32(model):
+    """`model`, or a float32 copy of it if some layers compute in float16 or bfloat16.
+
+    A model trained with mixed precision (`--mixed-precision`) keeps its
+    weights in float32 but computes in half precision: the TFLite converter
+    refuses such a graph, and tf2onnx wrote an ONNX file that onnxruntime
+    would not load. Their float32 files compute as the float32 model does;
+    a SavedModel keeps the model's own precision.
+    """
+    if all(layer.dtype_policy.compute_dtype == "float32" for layer in model._flatten_layers()):
+        return model
+
+    def float32(config):
+        if isinstance(config, dict):
+            if config.get("class_name") == "DTypePolicy" and str(
+                    config.get("config", {}).get("name")).startswith("mixed_"):
+                return {**config, "config": {**config["config"], "name": "float32"}}
+            return {key: float32(value) for key, value in config.items()}
+        if isinstance(config, list):
+            return [float32(value) for value in config]
+        return config
+
+    try:
+        copy = keras.saving.deserialize_keras_object(
+            float32(keras.saving.serialize_keras_object(model)))
+        copy.set_weights(model.get_weights())
+    except Exception as error:  # e.g. a layer that is not registered for saving
+        # Keras' message wraps the cause between its own text and the whole config.
+        cause = " ".join(str(error).split()).split("Exception encountered: ")[-1]
+        raise ExportError("the model computes in mixed precision and its float32 copy could "
+                          f"not be built from its config: {cause.split(' Full object config')[0]}"
+                          ) from None
+    return copy
 
 
 def tflite_report(path):

@@ -381,6 +381,46 @@ def test_probabilities_from_a_head_without_softmax(tmp_path):
                                    else model(images).numpy(), atol=1e-5)
 
 
+def test_a_mixed_precision_model_exports_as_its_float32_model(tmp_path):
+    """As trained with --mixed-precision: TFLite's converter refused the
+    half-precision graph, and the ONNX file did not load in onnxruntime."""
+    import onnxruntime
+
+    images = np.random.default_rng(0).uniform(0, 255, (1, 32, 32, 3)).astype(np.float32)
+    for policy, suffix in (("mixed_float16", "tflite"), ("mixed_bfloat16", "onnx")):
+        keras.config.set_dtype_policy(policy)
+        try:
+            mixed = keras_twins.Twins(**TINY, input_shape=(32, 32, 3), classes=3)
+        finally:
+            keras.config.set_dtype_policy("float32")
+        model = keras_twins.Twins(**TINY, input_shape=(32, 32, 3), classes=3)
+        model.set_weights(mixed.get_weights())
+        path = export(mixed, tmp_path / f"model.{suffix}", format=suffix)
+        if suffix == "tflite":
+            outputs, _ = run_tflite(path, images)
+        else:
+            session = onnxruntime.InferenceSession(str(path))
+            outputs = session.run(None, {session.get_inputs()[0].name: images})[0]
+        np.testing.assert_allclose(outputs, model.predict(images, verbose=0), atol=1e-5)
+        assert mixed.get_layer("stage_1_block_1").dtype_policy.name == policy  # left as it was
+
+    class Unregistered(keras.layers.Layer):
+        def call(self, x):
+            return x
+
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        inputs = keras.Input((32, 32, 3))
+        outputs = keras.layers.Dense(3, activation="softmax", dtype="float32", name="head")(
+            keras.layers.GlobalAveragePooling2D()(Unregistered()(inputs)))
+    finally:
+        keras.config.set_dtype_policy("float32")
+    with pytest.raises(ExportError, match=r"^the model computes in mixed precision and its "
+                       r"float32 copy could not be built from its config: Could not locate "
+                       r"class 'Unregistered'\. [^\n]*$"):
+        export(keras.Model(inputs, outputs), tmp_path / "custom.tflite")
+    assert not (tmp_path / "custom.tflite").exists()
+
 def test_cli_export_takes_the_smallest_size_of_the_model(tmp_path, capsys):
     """--image-size was refused under 32 whatever the model."""
     from keras_twins import cli
