@@ -147,12 +147,40 @@ def Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios,
     return model
 
 
+class ImageModel(keras.Model):
+    """A functional model of images that refuses a batch it cannot take in one line.
+
+    `check_images` runs when the model is called, before Keras would wrap an
+    error raised in `call` with the whole input printed, and on the data that
+    `fit`, `evaluate` and `predict` get, before Keras traces a step: once
+    they have seen a few sizes, Keras traces the step for any size, and a
+    batch too small then failed deep in the graph as it ran.
+    """
+
+    def __call__(self, *args, **kwargs):
+        check_images(self, args[0] if args else kwargs.get("inputs"))
+        return super().__call__(*args, **kwargs)
+
+    def fit(self, x=None, *args, **kwargs):
+        _check_data(self, x)
+        return super().fit(x, *args, **kwargs)
+
+    def evaluate(self, x=None, *args, **kwargs):
+        _check_data(self, x)
+        return super().evaluate(x, *args, **kwargs)
+
+    def predict(self, x, *args, **kwargs):
+        _check_data(self, x)
+        return super().predict(x, *args, **kwargs)
+
+
 @keras.saving.register_keras_serializable(package="keras_twins")
-class TwinsModel(keras.Model):
+class TwinsModel(ImageModel):
     """The functional Twins network; its Keras loops run batches as CPU streams.
 
-    A plain functional model, except that `fit`, `evaluate` and `predict`
-    run each batch as slices when `keras_twins.use_cpu_streams()` is on, and
+    A plain functional model, except that a batch it cannot take is refused
+    in one line (`ImageModel`), that `fit`, `evaluate` and `predict` run
+    each batch as slices when `keras_twins.use_cpu_streams()` is on, and
     that `evaluate` and `predict` run the LayerNorms as oneDNN's fused kernel
     on a CPU-only TensorFlow unless compiled with XLA
     (`layers.layer_norm.onednn_inference_kernels`).
@@ -173,8 +201,6 @@ class TwinsModel(keras.Model):
             return super().predict_step(*args, **kwargs)
 
     def call(self, inputs, training=None, mask=None):
-        check_images(self, inputs)
-
         def whole(x):
             return super(TwinsModel, self).call(x, training=training, mask=mask)
 
@@ -217,6 +243,21 @@ def check_images(model, inputs):
     if len(shape) == 4 and any(side is not None and side < minimum for side in shape[1:3]):
         raise ValueError(f"`{model.name}` takes images of at least {minimum}x{minimum} "
                          f"pixels. Received: inputs.shape={shape}")
+
+
+def _check_data(model, x):
+    """`check_images` on what `fit`, `evaluate` or `predict` got, where its
+    shape is known before a step runs: an array or tensor, or the images of
+    a `tf.data.Dataset`."""
+    import tensorflow as tf
+
+    if isinstance(x, tf.data.Dataset):
+        spec = x.element_spec
+        spec = spec[0] if isinstance(spec, tuple) and spec else spec
+        if isinstance(spec, tf.TensorSpec) and spec.shape.rank is not None:
+            check_images(model, spec)
+    elif hasattr(x, "shape"):
+        check_images(model, x)
 
 
 def classifier_outputs(model):

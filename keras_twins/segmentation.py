@@ -10,7 +10,7 @@ from keras import ops
 
 from keras_twins.checks import is_whole
 from keras_twins.layers.registration import register
-from keras_twins.model import check_images
+from keras_twins.model import ImageModel
 from keras_twins.model import pyramid_outputs
 
 IGNORE_LABEL = 255  # pixels with this label count in neither the loss nor the IoU
@@ -46,13 +46,9 @@ class ResizeLike(keras.layers.Layer):
 
 
 @register
-class SegmentationModel(keras.Model):
+class SegmentationModel(ImageModel):
     """The functional Semantic FPN network; a batch it cannot take is refused
-    in one line (`keras_twins.model.check_images`), not deep inside a convolution."""
-
-    def call(self, inputs, training=None, mask=None):
-        check_images(self, inputs)
-        return super().call(inputs, training=training, mask=mask)
+    in one line (`keras_twins.model.ImageModel`), not deep inside a convolution."""
 
 
 def SemanticFPN(backbone, num_classes, fpn_channels=256, head_channels=128,

@@ -221,8 +221,9 @@ def test_a_grayscale_batch_is_refused_not_broadcast():
     model = keras_twins.Twins(**TINY, input_shape=(None, None, 3), classes=10)
     gray = np.zeros((2, 64, 64, 1), np.float32)
     for run in (model, lambda x: model.predict(x, verbose=0)):
-        with pytest.raises(ValueError, match=re.escape("3 (RGB) channels")):
+        with pytest.raises(ValueError, match=re.escape("3 (RGB) channels")) as error:
             run(gray)
+        assert "\n" not in str(error.value)  # called, Keras printed every pixel under it
 
 
 def test_one_image_without_its_batch_axis_is_named():
@@ -231,9 +232,30 @@ def test_one_image_without_its_batch_axis_is_named():
     image = np.zeros((64, 64, 3), np.float32)
     for run in (model, lambda x: model.predict(x, verbose=0)):
         with pytest.raises(ValueError, match=re.escape("add the batch axis (image[None]). "
-                                                       "Received: inputs.shape=(")):
+                                                       "Received: inputs.shape=(")) as error:
             run(image)
+        assert "\n" not in str(error.value)
     assert model(image[None]).shape == (1, 10)
+
+
+def test_a_batch_too_small_is_refused_in_one_line_after_other_sizes():
+    """Once `predict` had run two sizes, Keras traced its step for any size,
+    and a 16x16 batch failed as the graph ran (a 67-line error). Called
+    directly, the model's refusal came wrapped with every pixel printed."""
+    model = keras_twins.Twins(**TINY, input_shape=(None, None, 3), classes=3)
+    model.compile(optimizer="adam", loss="categorical_crossentropy")
+    for size in ((32, 32), (40, 48)):
+        model.predict(np.zeros((1, *size, 3), "float32"), verbose=0)
+    small = np.zeros((2, 16, 16, 3), "float32")
+    dataset = tf.data.Dataset.from_tensor_slices((small, np.eye(3)[:2])).batch(2)
+    for run in (model, lambda x: model.predict(x, verbose=0),
+                lambda x: model.predict(dataset, verbose=0),
+                lambda x: model.evaluate(dataset, verbose=0),
+                lambda x: model.fit(dataset, verbose=0)):
+        with pytest.raises(ValueError) as error:
+            run(small)
+        assert re.fullmatch(r"`twins` takes images of at least 32x32 pixels. "
+                            r"Received: inputs.shape=\((2|None), 16, 16, 3\)", str(error.value))
 
 
 @pytest.mark.parametrize("architecture, smallest", [

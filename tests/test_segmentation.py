@@ -51,8 +51,9 @@ def test_a_batch_it_cannot_take_is_refused_in_one_line(tmp_path):
         with pytest.raises(ValueError, match=r"at least 32x32 pixels. Received: "
                                              r"inputs.shape=\(2, 16, 40, 3\)"):
             model.predict(np.zeros((2, 16, 40, 3), "float32"), verbose=0)
-        with pytest.raises(ValueError, match=r"3 \(RGB\) channels"):
+        with pytest.raises(ValueError, match=r"3 \(RGB\) channels") as error:
             model(np.zeros((1, 64, 64, 1), "float32"))
+        assert "\n" not in str(error.value)  # Keras printed every pixel under it
         assert model(np.zeros((1, 32, 40, 3), "float32")).shape == (1, 32, 40, 3)
 
 
