@@ -1,5 +1,6 @@
 """Every exported file, run in its own runtime, against the Keras model."""
 
+import contextlib
 import json
 import os
 import re
@@ -386,13 +387,18 @@ def test_a_mixed_precision_model_exports_as_its_float32_model(tmp_path):
     half-precision graph, and the ONNX file did not load in onnxruntime."""
     import onnxruntime
 
-    images = np.random.default_rng(0).uniform(0, 255, (1, 32, 32, 3)).astype(np.float32)
-    for policy, suffix in (("mixed_float16", "tflite"), ("mixed_bfloat16", "onnx")):
+    @contextlib.contextmanager
+    def built_under(policy):
         keras.config.set_dtype_policy(policy)
         try:
-            mixed = keras_twins.Twins(**TINY, input_shape=(32, 32, 3), classes=3)
+            yield
         finally:
             keras.config.set_dtype_policy("float32")
+
+    images = np.random.default_rng(0).uniform(0, 255, (1, 32, 32, 3)).astype(np.float32)
+    for policy, suffix in (("mixed_float16", "tflite"), ("mixed_bfloat16", "onnx")):
+        with built_under(policy):
+            mixed = keras_twins.Twins(**TINY, input_shape=(32, 32, 3), classes=3)
         model = keras_twins.Twins(**TINY, input_shape=(32, 32, 3), classes=3)
         model.set_weights(mixed.get_weights())
         path = export(mixed, tmp_path / f"model.{suffix}", format=suffix)
@@ -408,18 +414,16 @@ def test_a_mixed_precision_model_exports_as_its_float32_model(tmp_path):
         def call(self, x):
             return x
 
-    keras.config.set_dtype_policy("mixed_float16")
-    try:
+    with built_under("mixed_float16"):
         inputs = keras.Input((32, 32, 3))
         outputs = keras.layers.Dense(3, activation="softmax", dtype="float32", name="head")(
             keras.layers.GlobalAveragePooling2D()(Unregistered()(inputs)))
-    finally:
-        keras.config.set_dtype_policy("float32")
     with pytest.raises(ExportError, match=r"^the model computes in mixed precision and its "
                        r"float32 copy could not be built from its config: Could not locate "
                        r"class 'Unregistered'\. [^\n]*$"):
         export(keras.Model(inputs, outputs), tmp_path / "custom.tflite")
     assert not (tmp_path / "custom.tflite").exists()
+
 
 def test_cli_export_takes_the_smallest_size_of_the_model(tmp_path, capsys):
     """--image-size was refused under 32 whatever the model."""

@@ -93,7 +93,7 @@ def test_models_stay_channels_last_when_keras_defaults_to_channels_first(
         tmp_path, channels_first_by_default):
     # Before, a keras.json with "channels_first" broke the build inside a
     # Conv2D ("Computed output size would be zero or negative"), and a model
-    # saved in channels-last computed other numbers once loaded there.
+    # saved in channels-last failed once loaded there (its normalization).
     images = np.random.default_rng(3).uniform(0, 255, (2, 64, 48, 3)).astype("float32")
     keras.config.set_image_data_format("channels_last")
     reference = keras_twins.Twins(**TINY, classes=5, input_shape=(None, None, 3))

@@ -407,13 +407,13 @@ def test_training_pipeline_shapes_labels_and_mixing(tmp_path):
         assert pipeline.options().autotune.initial_parallelism == len(os.sched_getaffinity(0))
 
 
-
 def test_training_pipeline_is_channels_last_when_keras_defaults_to_channels_first(
         tmp_path, channels_first_by_default):
     # Before, RandAugment read the (32, 48, 3) image as 32 channels and failed.
     split = data_lib.load_split(image_folder(tmp_path / "data", classes=("a", "b")), "train")
     images, labels = next(iter(data_lib.training_pipeline(split, (32, 48), 4, "imagenet")))
     assert images.shape == (4, 32, 48, 3) and labels.shape == (4, 2)
+
 
 @pytest.mark.parametrize("change, message", [
     (dict(data=123), "Received: data=123"),
