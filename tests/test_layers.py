@@ -162,3 +162,63 @@ def test_mlp_trains_through_one_fused_gelu_with_the_same_values_and_gradients():
     graph = tf.function(lambda: outputs_and_gradients(True)).get_concrete_function().graph
     library = graph.as_graph_def().library.function
     assert sum(f.attr["_XlaMustCompile"].b for f in library) == 2  # value and gradient
+
+
+BAD_CONSTRUCTIONS = [
+    (lambda: layers.LocallyGroupedSelfAttention(16, 2, window_size=0),
+     "`window_size` must be a positive integer. Received: window_size=0"),
+    (lambda: layers.GlobalSubsampledAttention(16, 2, sr_ratio=0),
+     "`sr_ratio` must be a positive integer. Received: sr_ratio=0"),
+    (lambda: layers.GlobalSubsampledAttention(16, 0),
+     "`num_heads` must be a positive integer. Received: num_heads=0"),
+    (lambda: layers.TransformerBlock(16, 2, window_size=2.5),
+     "`window_size` must be a positive integer. Received: window_size=2.5"),
+    (lambda: layers.TransformerBlock(16, 2, window_size=0),
+     "`window_size` must be a positive integer. Received: window_size=0"),
+    (lambda: layers.PositionalEncodingGenerator(kernel_size=0),
+     "`kernel_size` must be a positive integer. Received: kernel_size=0"),
+]
+
+
+@pytest.mark.parametrize("construct, message", BAD_CONSTRUCTIONS,
+                         ids=[message.split("`")[1] for _, message in BAD_CONSTRUCTIONS])
+def test_a_layer_refuses_an_impossible_argument_in_one_line(construct, message):
+    with pytest.raises(ValueError) as error:
+        construct()
+    assert str(error.value) == message
+
+
+BAD_INPUTS = [
+    # Another channel count than `dim`: a MatMul error deep inside, before.
+    (layers.LocallyGroupedSelfAttention(16, 2, window_size=7), (2, 9, 11, 8),
+     "expected axis -1 of input shape to have value 16"),
+    (layers.GlobalSubsampledAttention(16, 2, sr_ratio=2), (2, 9, 11, 8),
+     "expected axis -1 of input shape to have value 16"),
+    (layers.TransformerBlock(16, 2, window_size=7), (2, 9, 11, 8),
+     "expected axis -1 of input shape to have value 16"),
+    # A token sequence rather than a map: "not enough values to unpack", before.
+    (layers.LocallyGroupedSelfAttention(16, 2, window_size=7), (2, 99, 16),
+     "expected ndim=4, found ndim=3"),
+    (layers.TransformerBlock(16, 2, sr_ratio=2), (2, 99, 16), "expected ndim=4, found ndim=3"),
+    (layers.PositionalEncodingGenerator(), (2, 99, 16), "expected ndim=4, found ndim=3"),
+    # A map smaller than the sub-sampling window.
+    (layers.GlobalSubsampledAttention(16, 2, sr_ratio=8), (2, 4, 6, 16),
+     "sub-samples by sr_ratio=8, so it takes maps of at least 8x8"),
+]
+
+
+@pytest.mark.parametrize("layer, shape, message", BAD_INPUTS,
+                         ids=[f"{type(layer).__name__}-{shape}" for layer, shape, _ in BAD_INPUTS])
+def test_a_layer_refuses_an_input_it_cannot_take_in_one_line(layer, shape, message):
+    with pytest.raises(ValueError) as error:
+        layer(np.zeros(shape, "float32"))
+    assert message in str(error.value)
+    assert len(str(error.value).splitlines()) == 1, str(error.value)
+
+
+def test_a_built_map_layer_refuses_another_channel_count():
+    """The PEG learns its channel count from the first input and then holds to it."""
+    layer = layers.PositionalEncodingGenerator()
+    layer(np.zeros((1, 5, 5, 16), "float32"))
+    with pytest.raises(ValueError, match="expected axis -1 of input shape to have value 16"):
+        layer(np.zeros((1, 5, 5, 8), "float32"))

@@ -10,6 +10,7 @@ import math
 import keras
 from keras import ops
 
+from keras_twins.checks import require_positive_integers
 from keras_twins.layers.tokens import dense_over_tokens
 
 # At most this many 2-D products per attention matmul when they are traced one
@@ -66,6 +67,7 @@ class MultiHeadAttentionCore(keras.layers.Layer):
     def __init__(self, dim, num_heads, attention_dropout=0.0,
                  projection_dropout=0.0, **kwargs):
         super().__init__(**kwargs)
+        require_positive_integers(dim=dim, num_heads=num_heads)
         if dim % num_heads:
             raise ValueError(
                 f"`dim` must be a multiple of `num_heads`. "
@@ -73,6 +75,8 @@ class MultiHeadAttentionCore(keras.layers.Layer):
             )
         self.dim = dim
         self.num_heads = num_heads
+        # Refuses token sequences and other channel counts in one line at the call.
+        self.input_spec = keras.InputSpec(ndim=4, axes={-1: dim})
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.attention_dropout = attention_dropout

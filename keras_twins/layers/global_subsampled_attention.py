@@ -1,6 +1,7 @@
 import keras
 from keras import ops
 
+from keras_twins.checks import require_positive_integers
 from keras_twins.layers.attention import MultiHeadAttentionCore
 from keras_twins.layers.layer_norm import LayerNorm
 from keras_twins.layers.registration import register
@@ -30,6 +31,7 @@ class GlobalSubsampledAttention(MultiHeadAttentionCore):
     def __init__(self, dim, num_heads, sr_ratio=1, layer_norm_epsilon=1e-5,
                  **kwargs):
         super().__init__(dim, num_heads, **kwargs)
+        require_positive_integers(sr_ratio=sr_ratio)
         self.sr_ratio = sr_ratio
         self.layer_norm_epsilon = layer_norm_epsilon
         self.query = keras.layers.Dense(dim, dtype=self.dtype_policy, name="query")
@@ -47,6 +49,11 @@ class GlobalSubsampledAttention(MultiHeadAttentionCore):
             )
 
     def build(self, input_shape):
+        if any(side is not None and side < self.sr_ratio for side in input_shape[1:3]):
+            raise ValueError(
+                f"`{self.name}` sub-samples by sr_ratio={self.sr_ratio}, so it takes maps of "
+                f"at least {self.sr_ratio}x{self.sr_ratio}. Received: input_shape={input_shape}"
+            )
         for layer in (self.query, self.key_value, self.projection):
             layer.build(input_shape)
         if self.sr_ratio > 1:

@@ -1,6 +1,7 @@
 import keras
 from keras import ops
 
+from keras_twins.checks import require_positive_integers
 from keras_twins.layers.attention import MultiHeadAttentionCore
 from keras_twins.layers.registration import register
 from keras_twins.layers.tokens import dense_over_tokens
@@ -28,6 +29,7 @@ class LocallyGroupedSelfAttention(MultiHeadAttentionCore):
 
     def __init__(self, dim, num_heads, window_size=7, **kwargs):
         super().__init__(dim, num_heads, **kwargs)
+        require_positive_integers(window_size=window_size)
         self.window_size = window_size
         self.qkv = keras.layers.Dense(3 * dim, dtype=self.dtype_policy, name="qkv")
 

@@ -1,6 +1,7 @@
 import keras
 from keras import ops
 
+from keras_twins.checks import require_positive_integers
 from keras_twins.layers.registration import register
 
 
@@ -20,10 +21,13 @@ class PositionalEncodingGenerator(keras.layers.Layer):
 
     def __init__(self, kernel_size=3, **kwargs):
         super().__init__(**kwargs)
+        require_positive_integers(kernel_size=kernel_size)
         self.kernel_size = kernel_size
+        self.input_spec = keras.InputSpec(ndim=4)
 
     def build(self, input_shape):
         channels = input_shape[-1]
+        self.input_spec = keras.InputSpec(ndim=4, axes={-1: channels})
         self.depthwise_kernel = self.add_weight(
             name="depthwise_kernel",
             shape=(self.kernel_size, self.kernel_size, channels, 1),

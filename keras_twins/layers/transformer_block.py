@@ -1,5 +1,6 @@
 import keras
 
+from keras_twins.checks import require_positive_integers
 from keras_twins.layers.global_subsampled_attention import GlobalSubsampledAttention
 from keras_twins.layers.layer_norm import LayerNorm
 from keras_twins.layers.locally_grouped_attention import LocallyGroupedSelfAttention
@@ -33,6 +34,8 @@ class TransformerBlock(keras.layers.Layer):
                  drop_path_rate=0.0, dropout=0.0, attention_dropout=0.0,
                  layer_norm_epsilon=1e-6, **kwargs):
         super().__init__(**kwargs)
+        require_positive_integers(window_size=window_size, sr_ratio=sr_ratio)
+        self.input_spec = keras.InputSpec(ndim=4, axes={-1: dim})
         self.dim = dim
         self.num_heads = num_heads
         self.mlp_ratio = mlp_ratio
