@@ -161,13 +161,15 @@ class ImageModel(keras.Model):
         check_images(self, args[0] if args else kwargs.get("inputs"))
         return super().__call__(*args, **kwargs)
 
-    def fit(self, x=None, *args, **kwargs):
+    def fit(self, x=None, y=None, *args, **kwargs):
         _check_data(self, x)
-        return super().fit(x, *args, **kwargs)
+        _build_before_tracing(self, x, y)
+        return super().fit(x, y, *args, **kwargs)
 
-    def evaluate(self, x=None, *args, **kwargs):
+    def evaluate(self, x=None, y=None, *args, **kwargs):
         _check_data(self, x)
-        return super().evaluate(x, *args, **kwargs)
+        _build_before_tracing(self, x, y)
+        return super().evaluate(x, y, *args, **kwargs)
 
     def predict(self, x, *args, **kwargs):
         _check_data(self, x)
@@ -258,6 +260,26 @@ def _check_data(model, x):
             check_images(model, spec)
     elif hasattr(x, "shape"):
         check_images(model, x)
+
+
+def _build_before_tracing(model, x, y):
+    """Creates the optimizer's and the compiled metrics' variables before
+    Keras traces a training or test step, as Keras does itself under a
+    distribution strategy. Without one it creates them inside the first
+    trace, and TensorFlow then traces the whole step again: SVT-S's first
+    `fit` step took 62 s rather than 31 s on a 2-core CPU."""
+    import tensorflow as tf
+
+    if getattr(model, "_distribute_strategy", None) is not None or not model.compiled:
+        return
+    if isinstance(x, tf.data.Dataset):
+        batch = x.element_spec
+    elif hasattr(x, "shape") and hasattr(y, "shape"):
+        batch = (x, y)
+    else:  # a generator or a PyDataset: Keras builds the variables as it traces
+        return
+    if isinstance(batch, tuple) and len(batch) > 1:  # images and labels
+        model._symbolic_build(data_batch=batch)
 
 
 def classifier_outputs(model):

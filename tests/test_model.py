@@ -258,6 +258,37 @@ def test_a_batch_too_small_is_refused_in_one_line_after_other_sizes():
                             r"Received: inputs.shape=\((2|None), 16, 16, 3\)", str(error.value))
 
 
+@pytest.mark.parametrize("data", ["arrays", "tf.data"])
+def test_fit_and_evaluate_trace_their_step_once(data):
+    """Without a distribution strategy Keras created the optimizer's and the
+    metrics' variables inside the first trace, and TensorFlow then traced
+    the whole step again: twice the wait before the first step."""
+    traces = {"train_step": 0, "test_step": 0}
+
+    def counted(model, name):
+        step = getattr(model, name)
+
+        def traced(*args, **kwargs):
+            traces[name] += 1
+            return step(*args, **kwargs)
+
+        setattr(model, name, traced)
+
+    images = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    labels = np.arange(8) % 3
+    kwargs = (dict(x=images, y=labels, batch_size=4) if data == "arrays" else
+              dict(x=tf.data.Dataset.from_tensor_slices((images, labels)).batch(4)))
+    for run in ("fit", "evaluate"):
+        model = keras_twins.Twins(**TINY, input_shape=(32, 32, 3), classes=3)
+        model.compile(optimizer="adamw", loss="sparse_categorical_crossentropy",
+                      metrics=["accuracy"])
+        counted(model, "train_step")
+        counted(model, "test_step")
+        getattr(model, run)(**kwargs, verbose=0)
+    # fit traced its training step once; evaluate, on a fresh model, its test step.
+    assert traces == {"train_step": 1, "test_step": 1}
+
+
 @pytest.mark.parametrize("architecture, smallest", [
     (TINY, 32),
     (dict(TINY, patch_size=8), 64),
