@@ -43,9 +43,11 @@ def run_tflite(path, images):
     return interpreter.get_tensor(interpreter.get_output_details()[0]["index"]), ops
 
 
+# SVT-S at the size it ships at, PCPVT-S at one where every map is padded or
+# floored (24x32, 12x16, 6x8, 3x4). Each case costs about four minutes on CI,
+# so the other two pairings, which take no other code path, are left out.
 @pytest.fixture(scope="module", params=[
-    ("twins_svt_small", (224, 224)), ("twins_svt_small", (97, 131)),
-    ("twins_pcpvt_small", (224, 224)), ("twins_pcpvt_small", (97, 131)),
+    ("twins_svt_small", (224, 224)), ("twins_pcpvt_small", (97, 131)),
 ], ids=lambda p: f"{p[0]}-{p[1][0]}x{p[1][1]}")
 def case(request, tmp_path_factory):
     """A real variant (random weights) and its Keras output at a size."""

@@ -141,7 +141,7 @@ def read_rows(path):
 
 
 def test_a_killed_run_resumes_from_its_backup_and_finishes(tmp_path):
-    data = image_folder(tmp_path / "data", per_class=150, splits=("train",), size=(32, 32))
+    data = image_folder(tmp_path / "data", per_class=60, splits=("train",), size=(32, 32))
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY))
     output = tmp_path / "run"
