@@ -173,7 +173,8 @@ def calibration_images(tmp_path_factory):
     return directory
 
 
-def test_quantized_files_run_and_shrink(calibration_images, tmp_path):
+def test_int8_mixed_and_dynamic_files_run_and_shrink(calibration_images, tmp_path):
+    """float16 and full-integer int8 are checked on the real variants (`case`)."""
     keras.utils.set_random_seed(0)
     # Wide enough (2.4M parameters) that the weights, not the graph, set the size.
     model = keras_twins.Twins(**{**TINY, "embed_dims": (64, 128, 192, 256),
@@ -181,21 +182,10 @@ def test_quantized_files_run_and_shrink(calibration_images, tmp_path):
     images = np.random.default_rng(2).uniform(0, 255, (1, 224, 224, 3)).astype(np.float32)
     expected = model.predict(images, verbose=0)
     float32 = export(model, tmp_path / "f32.tflite")
-    float16 = export(model, tmp_path / "f16.tflite", quantize="float16")
-    assert np.abs(run_tflite(float16, images)[0] - expected).max() <= 1e-2
-    assert os.path.getsize(float16) <= 0.55 * os.path.getsize(float32)
-    int8 = export(model, tmp_path / "int8.tflite", quantize="int8",
-                  representative_data=calibration_images)
-    output, _ = run_tflite(int8, images)
-    assert output.shape == (1, 10) and np.isfinite(output).all()
-    assert os.path.getsize(int8) <= 0.3 * os.path.getsize(float32)
-    # Integer kernels throughout, but for the output's dequantization.
-    assert set(tflite_report(str(int8))["float_ops"]) == {"DEQUANTIZE"}
     mixed = export(model, tmp_path / "mixed.tflite", quantize="int8-mixed",
                    representative_data=calibration_images)
     output, _ = run_tflite(mixed, images)
-    print("int8-mixed max|diff| from Keras:", np.abs(output - expected).max(),
-          "full int8:", np.abs(run_tflite(int8, images)[0] - expected).max())
+    print("int8-mixed max|diff| from Keras:", np.abs(output - expected).max())
     assert np.abs(output - expected).max() <= 0.05
     assert os.path.getsize(mixed) <= 0.3 * os.path.getsize(float32)
     # Float only where XNNPACK has no int8 kernel; the linear layers are int8.
