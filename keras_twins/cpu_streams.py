@@ -22,6 +22,8 @@ import os
 
 import keras
 
+from keras_twins.checks import require_positive_integers
+
 _streams = 1
 
 
@@ -46,8 +48,7 @@ def use_cpu_streams(streams=None):
                          f"{keras.backend.backend()!r}")
     if streams is None:
         streams = usable_cores()
-    if not isinstance(streams, int) or isinstance(streams, bool) or streams < 1:
-        raise ValueError(f"`streams` must be a positive integer. Received: streams={streams!r}")
+    require_positive_integers(streams=streams)
     import tensorflow as tf
 
     accelerators = tf.config.list_physical_devices("GPU") + tf.config.list_physical_devices("TPU")

@@ -274,12 +274,13 @@ def _build_before_tracing(model, x, y):
         return
     if isinstance(x, tf.data.Dataset):
         batch = x.element_spec
+        if not (isinstance(batch, tuple) and len(batch) > 1):  # no labels
+            return
     elif hasattr(x, "shape") and hasattr(y, "shape"):
         batch = (x, y)
     else:  # a generator or a PyDataset: Keras builds the variables as it traces
         return
-    if isinstance(batch, tuple) and len(batch) > 1:  # images and labels
-        model._symbolic_build(data_batch=batch)
+    model._symbolic_build(data_batch=batch)
 
 
 def classifier_outputs(model):
