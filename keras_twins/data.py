@@ -196,7 +196,10 @@ def _tfds_split(name, split, data_dir, manual_dir):
 
 
 def _three_channels(image):
-    image = tf.cast(image, tf.uint8)
+    # TensorFlow's image convention, as `tf.io.decode_image` applies to a
+    # 16-bit PNG in a folder: uint16 keeps its high byte, float32 is read as
+    # [0, 1]. A plain cast wrapped uint16 and truncated [0, 1] floats to 0.
+    image = tf.image.convert_image_dtype(image, tf.uint8, saturate=True)
     if image.shape.rank == 2:
         image = image[..., None]
     channels = tf.shape(image)[-1]

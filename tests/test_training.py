@@ -308,6 +308,37 @@ def test_a_tfds_dataset_is_prepared_for_real(tmp_path):
     assert labels == [0, 0, 0, 1, 1, 1]
 
 
+@pytest.mark.parametrize("dtype, stored, expected", [
+    ("uint16", 50000, 50000 >> 8), ("float32", 0.75, int(0.75 * 255.5))])
+def test_a_tfds_dataset_of_16_bit_or_float_images_keeps_its_brightness(dtype, stored, expected,
+                                                                      tmp_path):
+    """tensorflow-datasets stores uint16 and float32 images too. A plain cast
+    to uint8 wrapped 50000 to 80 and truncated 0.75 to 0; TensorFlow's image
+    convention, as its decoder applies to a 16-bit PNG, gives 195 and 191."""
+    import tensorflow_datasets as tfds
+
+    def info(self):
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(None, None, 1), dtype=getattr(np, dtype)),
+                "label": tfds.features.ClassLabel(names=["a", "b"])}),
+            supervised_keys=("image", "label"))
+
+    def examples(self):
+        for i in range(2):
+            yield i, {"image": np.full((5, 6, 1), stored, dtype), "label": i}
+
+    name = f"KerasTwinsTest{dtype.title()}Images"
+    type(name, (tfds.core.GeneratorBasedBuilder,), {
+        "__module__": "keras_twins.test_shapes", "VERSION": tfds.core.Version("1.0.0"),
+        "_info": info, "_generate_examples": examples,
+        "_split_generators": lambda self, dl_manager: {"train": self._generate_examples()}})
+    split = data_lib.load_split(f"tfds:keras_twins_test_{dtype}_images", "train", str(tmp_path))
+    for image, _ in split.dataset.as_numpy_iterator():
+        assert image.dtype == np.uint8 and image.shape == (5, 6, 3)
+        assert np.unique(image).tolist() == [expected]
+
+
 def test_the_weight_decay_spares_biases_norms_and_the_peg():
     model = keras_twins_tiny()
     optimizer = training.make_optimizer(model, learning_rate=0.1, weight_decay=0.5)
