@@ -17,16 +17,22 @@ import shutil
 import sys
 import time
 
+from weights_convert.console import quiet_library_chatter
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+# TensorFlow's runtime writes notices to stderr as it loads and as it first
+# runs, which TF_CPP_MIN_LOG_LEVEL does not silence: they would bury a
+# one-line error. Python's sys.stderr still writes.
+with quiet_library_chatter():
+    import numpy as np
+    import tensorflow as tf
 
-from keras_twins import data as data_lib  # noqa: E402
-from keras_twins.cli import ArgumentParser  # noqa: E402
-from keras_twins.cli import format_table  # noqa: E402
-from keras_twins.export import export  # noqa: E402
-from keras_twins.training import train  # noqa: E402
+    from keras_twins import data as data_lib
+    from keras_twins.cli import ArgumentParser
+    from keras_twins.cli import format_table
+    from keras_twins.export import export
+    from keras_twins.training import train
 
 # A Twins-SVT of 0.5 M parameters: the SVT pattern (LSA and GSA blocks
 # alternating, a PEG per stage) at a size that trains in a minute on a CPU.
@@ -135,4 +141,5 @@ def _latency(function, images, repeats=50):
 
 
 if __name__ == "__main__":
-    main()
+    with quiet_library_chatter():
+        main()

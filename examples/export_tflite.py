@@ -13,15 +13,21 @@ import os
 import sys
 import tempfile
 
+from weights_convert.console import quiet_library_chatter
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-from ai_edge_litert.interpreter import Interpreter  # noqa: E402
+# TensorFlow's runtime writes notices to stderr as it loads and as it first
+# runs, which TF_CPP_MIN_LOG_LEVEL does not silence: they would bury a
+# one-line error. Python's sys.stderr still writes.
+with quiet_library_chatter():
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
 
-import keras_twins  # noqa: E402
-from keras_twins.cli import ArgumentParser  # noqa: E402
-from keras_twins.export import export  # noqa: E402
-from keras_twins.export import tflite_report  # noqa: E402
+    import keras_twins
+    from keras_twins.cli import ArgumentParser
+    from keras_twins.export import export
+    from keras_twins.export import tflite_report
 
 
 def run(path, images):
@@ -89,4 +95,5 @@ def _save_png(image, path):
 
 
 if __name__ == "__main__":
-    main()
+    with quiet_library_chatter():
+        main()

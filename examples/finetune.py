@@ -14,11 +14,17 @@ Then the trained model is exported to TFLite for a phone.
 import os
 import sys
 
+from weights_convert.console import quiet_library_chatter
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from keras_twins.cli import ArgumentParser  # noqa: E402
-from keras_twins.export import export  # noqa: E402
-from keras_twins.training import train  # noqa: E402
+# TensorFlow's runtime writes notices to stderr as it loads and as it first
+# runs, which TF_CPP_MIN_LOG_LEVEL does not silence: they would bury a
+# one-line error. Python's sys.stderr still writes.
+with quiet_library_chatter():
+    from keras_twins.cli import ArgumentParser
+    from keras_twins.export import export
+    from keras_twins.training import train
 
 
 def main():
@@ -47,4 +53,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with quiet_library_chatter():
+        main()

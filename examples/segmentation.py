@@ -15,15 +15,21 @@ OUTPUT/predictions.png: image, ground truth and prediction side by side.
 import os
 import sys
 
+from weights_convert.console import quiet_library_chatter
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+# TensorFlow's runtime writes notices to stderr as it loads and as it first
+# runs, which TF_CPP_MIN_LOG_LEVEL does not silence: they would bury a
+# one-line error. Python's sys.stderr still writes.
+with quiet_library_chatter():
+    import keras
+    import numpy as np
+    import tensorflow as tf
 
-import keras_twins  # noqa: E402
-from keras_twins import segmentation  # noqa: E402
-from keras_twins.cli import ArgumentParser  # noqa: E402
+    import keras_twins
+    from keras_twins import segmentation
+    from keras_twins.cli import ArgumentParser
 
 PALETTE = np.array([[0, 0, 0], [230, 80, 40], [40, 110, 230], [240, 220, 60]], np.uint8)
 
@@ -121,4 +127,5 @@ def _side_by_side(images, masks, predictions, path):
 
 
 if __name__ == "__main__":
-    main()
+    with quiet_library_chatter():
+        main()

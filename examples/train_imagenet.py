@@ -17,10 +17,16 @@ Killed or preempted, the same command resumes from `OUTPUT/backup`.
 import os
 import sys
 
+from weights_convert.console import quiet_library_chatter
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from keras_twins.cli import ArgumentParser  # noqa: E402
-from keras_twins.training import train  # noqa: E402
+# TensorFlow's runtime writes notices to stderr as it loads and as it first
+# runs, which TF_CPP_MIN_LOG_LEVEL does not silence: they would bury a
+# one-line error. Python's sys.stderr still writes.
+with quiet_library_chatter():
+    from keras_twins.cli import ArgumentParser
+    from keras_twins.training import train
 
 
 def main():
@@ -49,4 +55,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with quiet_library_chatter():
+        main()
