@@ -164,12 +164,14 @@ class ImageModel(keras.Model):
     def fit(self, x=None, y=None, *args, **kwargs):
         _check_data(self, x)
         _build_before_tracing(self, x, y)
-        return super().fit(x, y, *args, **kwargs)
+        with _labels_out_of_range_named(self):
+            return super().fit(x, y, *args, **kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
         _check_data(self, x)
         _build_before_tracing(self, x, y)
-        return super().evaluate(x, y, *args, **kwargs)
+        with _labels_out_of_range_named(self):
+            return super().evaluate(x, y, *args, **kwargs)
 
     def predict(self, x, *args, **kwargs):
         _check_data(self, x)
@@ -260,6 +262,31 @@ def _check_data(model, x):
             check_images(model, spec)
     elif hasattr(x, "shape"):
         check_images(model, x)
+
+
+_LABEL_OUT_OF_RANGE = re.compile(
+    r"Received a label value of (-?\d+) which is outside the valid range of \[0, (\d+)\)")
+
+
+@contextlib.contextmanager
+def _labels_out_of_range_named(model):
+    """A class index outside the model's classes, in any batch, as a one-line
+    `ValueError`. TensorFlow's sparse cross-entropy finds it only as the step
+    runs, and its error came with the graph's 47-line trace. Found on the
+    arrays beforehand, it would refuse a label that the loss is told to
+    ignore (`ignore_class=-1`)."""
+    import tensorflow as tf
+
+    try:
+        yield
+    except tf.errors.InvalidArgumentError as error:
+        found = _LABEL_OUT_OF_RANGE.search(error.message)
+        if found is None:
+            raise
+        label, classes = found.groups()
+        raise ValueError(f"`{model.name}` has {classes} classes, so its labels are class "
+                         f"indices from 0 to {int(classes) - 1}. Received: a label of "
+                         f"{label}") from None
 
 
 def _build_before_tracing(model, x, y):

@@ -289,6 +289,25 @@ def test_fit_and_evaluate_trace_their_step_once(data):
     assert traces == {"train_step": 1, "test_step": 1}
 
 
+@pytest.mark.parametrize("run, data, label", [("fit", "arrays", 3), ("evaluate", "tf.data", -1)])
+def test_a_label_outside_the_classes_is_refused_in_one_line(run, data, label):
+    """TensorFlow's sparse cross-entropy found it as the step ran, with the
+    graph's 47-line trace; a loss told to ignore it still takes it."""
+    images = np.zeros((4, 32, 32, 3), "float32")
+    labels = np.array([0, 1, label, 2])
+    kwargs = (dict(x=images, y=labels, batch_size=2) if data == "arrays" else
+              dict(x=tf.data.Dataset.from_tensor_slices((images, labels)).batch(2)))
+    model = keras_twins.Twins(**TINY, input_shape=(32, 32, 3), classes=3, name="tiny")
+    model.compile(optimizer="adamw", loss="sparse_categorical_crossentropy")
+    with pytest.raises(ValueError) as raised:
+        getattr(model, run)(**kwargs, verbose=0)
+    assert str(raised.value) == ("`tiny` has 3 classes, so its labels are class indices from "
+                                 f"0 to 2. Received: a label of {label}")
+    if run == "evaluate":
+        model.compile(loss=keras.losses.SparseCategoricalCrossentropy(ignore_class=label))
+        assert np.isfinite(model.evaluate(**kwargs, verbose=0))
+
+
 @pytest.mark.parametrize("architecture, smallest", [
     (TINY, 32),
     (dict(TINY, patch_size=8), 64),
