@@ -164,18 +164,28 @@ class ImageModel(keras.Model):
     def fit(self, x=None, y=None, *args, **kwargs):
         _check_data(self, x)
         _build_before_tracing(self, x, y)
-        with _labels_out_of_range_named(self):
+        with _step_errors_named(self):
             return super().fit(x, y, *args, **kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
         _check_data(self, x)
         _build_before_tracing(self, x, y)
-        with _labels_out_of_range_named(self):
+        with _step_errors_named(self):
             return super().evaluate(x, y, *args, **kwargs)
 
     def predict(self, x, *args, **kwargs):
         _check_data(self, x)
-        return super().predict(x, *args, **kwargs)
+        with _step_errors_named(self):
+            return super().predict(x, *args, **kwargs)
+
+    def train_step(self, data):
+        return super().train_step(_checked_as_it_runs(self, data))
+
+    def test_step(self, data):
+        return super().test_step(_checked_as_it_runs(self, data))
+
+    def predict_step(self, data):
+        return super().predict_step(_checked_as_it_runs(self, data))
 
 
 @keras.saving.register_keras_serializable(package="keras_twins")
@@ -266,24 +276,57 @@ def _check_data(model, x):
 
 _LABEL_OUT_OF_RANGE = re.compile(
     r"Received a label value of (-?\d+) which is outside the valid range of \[0, (\d+)\)")
+_REFUSED_AS_IT_RAN = re.compile(r"\[keras_twins: ([^\]]*)\] \[([\d ]*)\]")
+
+
+def _checked_as_it_runs(model, data):
+    """`data` with its images checked as `check_images` does, inside the
+    step, where their height, width or channels are known only as it runs (a
+    `tf.data` pipeline of images of any size): a batch too small or of other
+    channels failed deep in the graph, with its 75-line trace. The images
+    pass through the assertions, so no op reads them first.
+    `_step_errors_named` words a failed one; XLA compiles them to nothing."""
+    import tensorflow as tf
+
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    if not isinstance(x, tf.Tensor) or x.shape.rank != 4 or None not in x.shape[1:]:
+        return data
+    shape = tf.shape(x)
+    expected, minimum = model.input_shape[-1], smallest_image_side(model)
+    assertions = []
+    if x.shape[-1] is None and expected is not None:
+        assertions.append(tf.debugging.Assert(shape[-1] == expected, [
+            f"keras_twins: `{model.name}` takes images with {expected} (RGB) channels in the "
+            "last axis. Received: inputs.shape=", shape], summarize=4))
+    if None in x.shape[1:3]:
+        assertions.append(tf.debugging.Assert(tf.reduce_min(shape[1:3]) >= minimum, [
+            f"keras_twins: `{model.name}` takes images of at least {minimum}x{minimum} "
+            "pixels. Received: inputs.shape=", shape], summarize=4))
+    with tf.control_dependencies(assertions):
+        x = tf.identity(x)
+    return keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
 
 
 @contextlib.contextmanager
-def _labels_out_of_range_named(model):
-    """A class index outside the model's classes, in any batch, as a one-line
-    `ValueError`. TensorFlow's sparse cross-entropy finds it only as the step
-    runs, and its error came with the graph's 47-line trace. Found on the
-    arrays beforehand, it would refuse a label that the loss is told to
-    ignore (`ignore_class=-1`)."""
+def _step_errors_named(model):
+    """A batch refused by `_checked_as_it_runs`, or a class index outside
+    the model's classes, as a one-line `ValueError`: TensorFlow finds both
+    only as a step runs, and raised them with the graph's trace. The labels
+    are not checked beforehand: a loss may ignore one (`ignore_class=-1`)."""
     import tensorflow as tf
 
     try:
         yield
     except tf.errors.InvalidArgumentError as error:
-        found = _LABEL_OUT_OF_RANGE.search(error.message)
-        if found is None:
+        refused = _REFUSED_AS_IT_RAN.search(error.message)
+        if refused is not None:
+            message, shape = refused.groups()
+            raise ValueError(f"{message}{tuple(int(side) for side in shape.split())}"
+                             ) from None
+        label = _LABEL_OUT_OF_RANGE.search(error.message)
+        if label is None:
             raise
-        label, classes = found.groups()
+        label, classes = label.groups()
         raise ValueError(f"`{model.name}` has {classes} classes, so its labels are class "
                          f"indices from 0 to {int(classes) - 1}. Received: a label of "
                          f"{label}") from None

@@ -289,6 +289,26 @@ def test_fit_and_evaluate_trace_their_step_once(data):
     assert traces == {"train_step": 1, "test_step": 1}
 
 
+@pytest.mark.parametrize("run, bad, message", [
+    ("predict", (40, 44, 4), "takes images with 3 (RGB) channels in the last axis"),
+    ("evaluate", (40, 20, 3), "takes images of at least 32x32 pixels")])
+def test_a_pipeline_of_unknown_sizes_is_refused_in_one_line_as_it_runs(run, bad, message):
+    """A `tf.data` pipeline of images of any size gives the step no height,
+    width or channels to check as it is traced; its second batch, too small
+    or of four channels, failed deep in the graph with a 75-line trace."""
+    def images():
+        yield np.zeros((36, 40, bad[2]), "float32")[..., :3], 0
+        yield np.zeros(bad, "float32"), 1
+
+    data = tf.data.Dataset.from_generator(images, output_signature=(
+        tf.TensorSpec((None, None, None)), tf.TensorSpec((), tf.int32))).batch(1)
+    model = keras_twins.Twins(**TINY, input_shape=(None, None, 3), classes=3, name="tiny")
+    model.compile(loss="sparse_categorical_crossentropy")
+    with pytest.raises(ValueError) as raised:
+        getattr(model, run)(data, verbose=0)
+    assert str(raised.value) == f"`tiny` {message}. Received: inputs.shape={(1, *bad)}"
+
+
 @pytest.mark.parametrize("run, data, label", [("fit", "arrays", 3), ("evaluate", "tf.data", -1)])
 def test_a_label_outside_the_classes_is_refused_in_one_line(run, data, label):
     """TensorFlow's sparse cross-entropy found it as the step ran, with the
