@@ -251,12 +251,18 @@ def check_images(model, inputs):
                          f"Received: inputs.shape={shape}")
     channels, expected = shape[-1], model.input_shape[-1]
     if None not in (channels, expected) and channels != expected:
-        raise ValueError(f"`{model.name}` takes images with {expected} (RGB) channels in "
-                         f"the last axis. Received: inputs.shape={shape}")
+        raise ValueError(f"{_takes_channels(model, expected)} Received: inputs.shape={shape}")
     minimum = smallest_image_side(model)
     if len(shape) == 4 and any(side is not None and side < minimum for side in shape[1:3]):
-        raise ValueError(f"`{model.name}` takes images of at least {minimum}x{minimum} "
-                         f"pixels. Received: inputs.shape={shape}")
+        raise ValueError(f"{_takes_sides(model, minimum)} Received: inputs.shape={shape}")
+
+
+def _takes_channels(model, expected):
+    return f"`{model.name}` takes images with {expected} (RGB) channels in the last axis."
+
+
+def _takes_sides(model, minimum):
+    return f"`{model.name}` takes images of at least {minimum}x{minimum} pixels."
 
 
 def _check_data(model, x):
@@ -296,12 +302,12 @@ def _checked_as_it_runs(model, data):
     assertions = []
     if x.shape[-1] is None and expected is not None:
         assertions.append(tf.debugging.Assert(shape[-1] == expected, [
-            f"keras_twins: `{model.name}` takes images with {expected} (RGB) channels in the "
-            "last axis. Received: inputs.shape=", shape], summarize=4))
+            f"keras_twins: {_takes_channels(model, expected)} Received: inputs.shape=", shape],
+            summarize=4))
     if None in x.shape[1:3]:
         assertions.append(tf.debugging.Assert(tf.reduce_min(shape[1:3]) >= minimum, [
-            f"keras_twins: `{model.name}` takes images of at least {minimum}x{minimum} "
-            "pixels. Received: inputs.shape=", shape], summarize=4))
+            f"keras_twins: {_takes_sides(model, minimum)} Received: inputs.shape=", shape],
+            summarize=4))
     with tf.control_dependencies(assertions):
         x = tf.identity(x)
     return keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
