@@ -218,6 +218,34 @@ def build_model(model, classes, image_size, weights=None, drop_path_rate=0.0):
     return classifier
 
 
+def _training_config(config, drop_path_rate):
+    """The Twins arguments `build_model` takes, the drop path rate and the classes.
+
+    `train` sets the input size, the weights and a softmax classifier over
+    the data's classes: a configuration may repeat its values, not change
+    them (Twins said "got multiple values for keyword argument 'classes'").
+    The configuration's drop path rate stands unless `train` is given one.
+    """
+    config = dict(config)
+    for key, argument in (("input_shape", "image_size"), ("input_tensor", "image_size"),
+                          ("weights", "weights")):
+        if key in config:
+            raise TrainingError(f"the model configuration sets {key}, which train sets from "
+                                f"its argument {argument}; leave {key} out of it")
+    for key, value in (("include_top", True), ("classifier_activation", "softmax")):
+        given = config.pop(key, value)
+        if given != value:
+            raise TrainingError(f"train builds a classifier with {key}={value!r}, which its "
+                                f"loss needs. Received: {key}={given!r} in the model "
+                                "configuration")
+    rate = config.pop("drop_path_rate", None)
+    if rate is not None and drop_path_rate is not None and rate != drop_path_rate:
+        raise TrainingError(f"drop_path_rate is given twice: {rate!r} in the model "
+                            f"configuration and {drop_path_rate!r} to train")
+    classes = config.pop("classes", None)
+    return config, rate if drop_path_rate is None else drop_path_rate, classes
+
+
 def _check_recipe(**settings):
     """Finite numbers in range: a negative rate or weight decay would train without a word."""
     ranges = dict(learning_rate=("> 0", lambda v: v > 0), weight_decay=(">= 0", lambda v: v >= 0),
@@ -372,6 +400,9 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
         data: `"tfds:NAME"` or an image folder `ROOT/SPLIT/LABEL/*.jpg|png|webp`;
             the `train` split trains and `validation_split` validates.
         model: a variant name, or a dict of `keras_twins.Twins` arguments.
+            `train` sets the input shape, the weights and the classes (from
+            the data); the dict may repeat, not change, them. Its
+            `drop_path_rate` is used unless one is given here.
         output: the run folder (see the module docstring). A folder holding
             another run is refused unless `resume`.
         image_size: `H` or `(H, W)`.
@@ -434,6 +465,9 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
     if isinstance(strategy, str):
         strategy = make_strategy(strategy, tpu)
     chief = _is_chief(strategy)
+    architecture, config_classes = model, None
+    if isinstance(model, dict):
+        architecture, drop_path_rate, config_classes = _training_config(model, drop_path_rate)
     if drop_path_rate is None:
         drop_path_rate = default_drop_path_rate(model)
     settings = dict(data=os.fspath(data), model=model,
@@ -453,6 +487,10 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
     classes = len(train_split.class_names)
     if classes < 2:
         raise TrainingError(f"{data}: the train split has {classes} class; at least 2 needed")
+    if config_classes is not None and config_classes != classes:
+        raise TrainingError(f"the model configuration has classes={config_classes!r}, but "
+                            f"{data} has {classes} classes ("
+                            f"{', '.join(train_split.class_names)[:200]})")
 
     replicas = strategy.num_replicas_in_sync
     global_batch = batch_size * replicas
@@ -480,7 +518,8 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
         if MIXED_PRECISION[mixed_precision]:
             keras.config.set_dtype_policy(MIXED_PRECISION[mixed_precision])
         with strategy.scope():
-            classifier = build_model(model, classes, image_size, weights, drop_path_rate)
+            classifier = build_model(architecture, classes, image_size, weights,
+                                     drop_path_rate)
             if start.weights_from:
                 try:
                     classifier.load_weights(start.weights_from)
@@ -523,7 +562,7 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
 
     # model.keras is for inference: float32, without the optimizer's state
     # (checkpoints/last.keras keeps that for resuming).
-    final = build_model(model, classes, image_size, None, drop_path_rate)
+    final = build_model(architecture, classes, image_size, None, drop_path_rate)
     final.set_weights(classifier.get_weights())
     save_model(final, os.path.join(work, "model.keras"))
     if not chief:

@@ -579,6 +579,36 @@ def test_a_model_that_cannot_be_built_leaves_no_output_folder(tmp_path, capfd):
         assert not (tmp_path / "run").exists()
 
 
+def test_a_json_architecture_may_repeat_what_train_sets_not_change_it(tmp_path):
+    """A configuration with `classes` (as the README's Twins example has) was
+    "got multiple values for keyword argument 'classes'"; with
+    `drop_path_rate`, the run trained and then failed to write model.keras."""
+    data = image_folder(tmp_path / "data", per_class=4)
+    common = dict(data=str(data), image_size=32, epochs=1, batch_size=4, augment="none",
+                  verbose=0)
+    config = dict(TINY_LIST, classes=2, include_top=True, classifier_activation="softmax",
+                  drop_path_rate=0.05)
+    result = training.train(model=config, output=str(tmp_path / "run"), **common)
+    rates = [layer.drop_path_rate for layer in result.model.layers
+             if hasattr(layer, "drop_path_rate")]
+    assert rates and max(rates) == pytest.approx(0.05)
+    assert keras.models.load_model(tmp_path / "run" / "model.keras").output_shape == (None, 2)
+    for change, message in [
+        (dict(classes=3), "has classes=3, but"),
+        (dict(classifier_activation=None), "Received: classifier_activation=None"),
+        (dict(include_top=False), "Received: include_top=False"),
+        (dict(input_shape=[32, 32, 3]), "sets input_shape, which train sets from its "
+                                        "argument image_size"),
+        (dict(weights="imagenet"), "sets weights"),
+    ]:
+        with pytest.raises(training.TrainingError, match=re.escape(message)):
+            training.train(model=dict(config, **change), output=str(tmp_path / "bad"), **common)
+        assert not (tmp_path / "bad").exists()
+    with pytest.raises(training.TrainingError, match=re.escape(
+            "drop_path_rate is given twice: 0.05 in the model configuration and 0.2 to train")):
+        training.train(model=config, output=str(tmp_path / "bad"), drop_path_rate=0.2, **common)
+
+
 @pytest.mark.parametrize("damage, message", [
     ("empty", "no images found"),
     ("classes", "classes differ"),
