@@ -9,7 +9,6 @@ or logits. `labels.txt` is written beside the exported model.
 import contextlib
 import json
 import os
-import shutil
 import tempfile
 import warnings
 
@@ -19,6 +18,8 @@ import tensorflow as tf
 
 from keras_twins.checks import is_whole
 from keras_twins.data import IMAGE_SUFFIXES
+from keras_twins.files import replacing
+from keras_twins.files import write_text
 from keras_twins.layers.attention import products_as_fully_connected
 from keras_twins.model import classifier_outputs
 from keras_twins.model import smallest_image_side
@@ -116,7 +117,7 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
     function = tf.function(_forward(model, output), input_signature=[spec], autograph=False)
 
     labels = "\n".join(_checked_labels(model, labels)) + "\n"
-    with _staged(path) as staging:
+    with replacing(path) as staging:
         if format == "saved_model":
             _write_saved_model(model, function, spec, staging)
         elif format == "tflite":
@@ -306,32 +307,6 @@ def _check_replaceable(path, format):
                           "choose a new or empty folder")
 
 
-@contextlib.contextmanager
-def _staged(path):
-    """Yields a temporary path beside `path`, moved onto `path` if the block succeeds.
-
-    A folder at `path` (a SavedModel being replaced) is moved aside first and
-    deleted only once the new one is in place.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    staging = tempfile.mkdtemp(prefix=".partial-", dir=directory)
-    target = os.path.join(staging, os.path.basename(path) or "export")
-    try:
-        yield target
-        previous = None
-        if os.path.isdir(path) and not os.path.islink(path):
-            previous = os.path.join(staging, "previous")
-            os.replace(path, previous)
-        try:
-            os.replace(target, path)
-        except BaseException:
-            if previous:
-                os.replace(previous, path)
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def _write_saved_model(model, function, spec, path):
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -513,14 +488,6 @@ def _checked_labels(model, labels):
         raise ExportError(f"`labels` must be {classes} class names, one per output, "
                           f"each a non-empty line. Received: {str(labels)[:100]}")
     return list(labels)
-
-
-def write_text(path, text):
-    """Writes `text` to a temporary file beside `path`, then renames it onto `path`."""
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=os.path.dirname(path),
-                                     delete=False, prefix=".partial-", suffix=".txt") as f:
-        f.write(text)
-    os.replace(f.name, path)
 
 
 def _packaged(content, entries):

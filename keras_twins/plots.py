@@ -1,11 +1,12 @@
 """Training curves as a PNG drawn with Pillow (no plotting library needed)."""
 
 import math
-import os
 
 from PIL import Image
 from PIL import ImageDraw
 from PIL import ImageFont
+
+from keras_twins.files import replacing
 
 TRAIN_COLOR = (31, 119, 180)
 VALIDATION_COLOR = (255, 127, 14)
@@ -30,9 +31,8 @@ def plot_history(history, path):
             ("train", metric, TRAIN_COLOR), ("validation", f"val_{metric}", VALIDATION_COLOR))]
         _panel(draw, index * PANEL[0], title, epochs, series,
                fixed=(0.0, 1.0) if metric == "accuracy" else None)
-    temporary = f"{path}.partial.png"
-    image.save(temporary)
-    os.replace(temporary, path)
+    with replacing(path) as temporary:
+        image.save(temporary, format="PNG")
 
 
 def _panel(draw, x0, title, epochs, series, fixed=None):

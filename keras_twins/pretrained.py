@@ -19,6 +19,9 @@ import urllib.request
 
 import keras
 
+from keras_twins.files import replacing
+from keras_twins.files import write_text
+
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 # Seconds a connection attempt or a stalled read may take before giving up.
 NETWORK_TIMEOUT = 15
@@ -70,13 +73,9 @@ def imagenet_weights(variant):
             pinned = PINNED_SHA256.get(variant)
             if pinned and digest != pinned:
                 raise _error(variant, url, f"sha256 {digest} differs from the pinned {pinned}")
-            with _temporary(directory, ".weights.h5") as converted:
+            with replacing(target) as converted:
                 _convert(variant, url, download, converted)
-                with _temporary(directory, ".sha256") as record:
-                    with open(record, "w") as f:
-                        f.write(f"{digest}  {url}\n")
-                    os.replace(record, target[: -len(".weights.h5")] + ".sha256")
-                os.replace(converted, target)
+                write_text(target[: -len(".weights.h5")] + ".sha256", f"{digest}  {url}\n")
     return target
 
 

@@ -36,7 +36,8 @@ from keras_twins import variants
 from keras_twins.checks import is_whole
 from keras_twins.export import read_labels
 from keras_twins.export import run_labels
-from keras_twins.export import write_text
+from keras_twins.files import replacing
+from keras_twins.files import write_text
 from keras_twins.layers import PositionalEncodingGenerator
 from keras_twins.model import classifier_outputs
 
@@ -623,16 +624,9 @@ def evaluate(data, model_file, split="auto", batch_size=64, data_dir=None,
 
 def save_model(model, path):
     """`model.save` into a temporary file beside `path`, then renamed onto it."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".saving-", suffix=".keras")
-    os.close(handle)
-    try:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with replacing(path) as temporary:
         model.save(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 class Checkpoints(keras.callbacks.Callback):

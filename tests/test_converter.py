@@ -10,6 +10,7 @@ import pytest
 import safetensors.numpy
 import torch
 
+from conftest import TINY
 import keras_twins
 from weights_convert import ConversionError
 from weights_convert import read_checkpoint
@@ -49,6 +50,12 @@ def _damaged(kind, state_dict, random_reference, directory):
         path = directory / "missing.safetensors"
         safetensors.numpy.save_file(damaged, str(path))
         return path, "blocks.2.3.attn.kv.weight"
+    if kind == "half_a_head":  # converted as a model without a head before
+        damaged = dict(state_dict)
+        del damaged["head.weight"]
+        path = directory / "half_a_head.safetensors"
+        safetensors.numpy.save_file(damaged, str(path))
+        return path, "missing key 'head.weight'"
     if kind == "unexpected_key":
         damaged = {**state_dict, "blocks.2.3.attn.extra.weight": np.zeros(3, np.float32)}
         path = directory / "unexpected.safetensors"
@@ -77,7 +84,7 @@ def _damaged(kind, state_dict, random_reference, directory):
 
 
 @pytest.mark.parametrize("kind", [
-    "missing_key", "unexpected_key", "shape_mismatch", "truncated_safetensors",
+    "missing_key", "half_a_head", "unexpected_key", "shape_mismatch", "truncated_safetensors",
     "truncated_pth", "not_a_checkpoint_pth", "not_a_checkpoint_safetensors",
 ])
 def test_damaged_checkpoint_is_refused_with_one_line_and_no_output(
@@ -259,3 +266,25 @@ def test_safetensors_conversion_never_imports_torch(random_reference, tmp_path):
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert output.exists()
+
+
+def test_written_files_get_the_permissions_of_any_new_file(random_reference, tmp_path):
+    """Files written under a temporary name and renamed came from mkstemp,
+    readable by their owner only (0600): converted weights, model.keras,
+    labels.txt and run.json could not be served or shared."""
+    from keras_twins.files import write_text
+    from keras_twins.training import save_model
+    from weights_convert import convert
+
+    _, directory = random_reference(VARIANT)
+    previous = os.umask(0o027)
+    try:
+        convert(directory / "model.safetensors", tmp_path / "svt.weights.h5")
+        save_model(keras_twins.Twins(**TINY, input_shape=(32, 32, 3), classes=2),
+                   tmp_path / "model.keras")
+        write_text(tmp_path / "labels.txt", "a\nb\n")
+    finally:
+        os.umask(previous)
+    modes = {path.name: oct(path.stat().st_mode & 0o777) for path in tmp_path.iterdir()}
+    assert modes == {name: oct(0o640) for name in ("svt.weights.h5", "model.keras",
+                                                   "labels.txt")}

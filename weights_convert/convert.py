@@ -1,10 +1,10 @@
 """Converting reference checkpoints into Keras models and `.weights.h5` files."""
 
 import os
-import tempfile
 
 from weights_convert.checkpoint import read_checkpoint
 from weights_convert.errors import ConversionError
+from weights_convert.mapping import HEAD_KEYS
 from weights_convert.mapping import assign_state_dict
 
 KERAS_WEIGHTS_SUFFIX = ".weights.h5"
@@ -74,8 +74,11 @@ def build_model_for(state_dict, variant=None, source="checkpoint"):
         config = get_variant(variant)["config"]
     except ValueError as error:
         raise ConversionError(str(error)) from None
-    include_top = "head.weight" in state_dict
-    classes = state_dict["head.weight"].shape[0] if include_top else 1000
+    # Either half of a head makes it a classifier, so that a checkpoint
+    # missing the other half is refused rather than converted without one.
+    head = [state_dict[key] for key in HEAD_KEYS if key in state_dict]
+    include_top = bool(head)
+    classes = head[0].shape[0] if include_top else 1000
     model = Twins(**config, include_top=include_top, classes=classes,
                   input_shape=(None, None, 3), name=variant)
     assign_state_dict(model, state_dict, source, include_top=include_top)
@@ -103,21 +106,13 @@ def convert(source, output, variant=None):
         raise ConversionError(f"{output}: the output directory is not writable")
     state_dict = read_checkpoint(source)
     model = build_model_for(state_dict, variant, source=os.fspath(source))
+    from keras_twins.files import replacing
+
     try:
-        handle, temporary = tempfile.mkstemp(
-            prefix=".", suffix=KERAS_WEIGHTS_SUFFIX, dir=directory
-        )
-    except OSError as error:
-        raise ConversionError(f"{output}: cannot write there ({error.strerror})") from None
-    os.close(handle)
-    try:
-        model.save_weights(temporary, overwrite=True)
-        os.replace(temporary, output)
+        with replacing(output) as temporary:
+            model.save_weights(temporary, overwrite=True)
     except OSError as error:
         raise ConversionError(f"{output}: could not write ({error})") from None
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
     return model
 
 
