@@ -243,6 +243,7 @@ def check_images(model, inputs):
     and ran; a 4-channel one, or an image smaller than the model's smallest
     (any-size models), failed deep in the graph.
     """
+    inputs = _single_input(model, inputs)
     shape = tuple(getattr(inputs, "shape", (None,)))
     if len(shape) != 4 and shape != (None,):
         # One image without its batch axis: Keras' error printed every pixel.
@@ -255,6 +256,28 @@ def check_images(model, inputs):
     minimum = smallest_image_side(model)
     if len(shape) == 4 and any(side is not None and side < minimum for side in shape[1:3]):
         raise ValueError(f"{_takes_sides(model, minimum)} Received: inputs.shape={shape}")
+
+
+def _single_input(model, inputs):
+    """The batch in `inputs`, which Keras takes in a list, tuple or dict of one.
+
+    Raises:
+        ValueError: `inputs` is a list or tuple of images not stacked into a
+            batch, which Keras took for as many inputs.
+    """
+    if isinstance(inputs, dict) and len(inputs) == 1:
+        return next(iter(inputs.values()))
+    if not isinstance(inputs, (list, tuple)):
+        return inputs
+    if len(inputs) == 1:
+        return inputs[0]
+    shapes = {tuple(item.shape) for item in inputs if hasattr(item, "shape")}
+    if len(shapes) == 1 and len(next(iter(shapes))) == 3:
+        raise ValueError(f"`{model.name}` takes a batch of images as one array, (batch, "
+                         "height, width, 3); stack them (np.stack(images)). Received: a "
+                         f"{type(inputs).__name__} of {len(inputs)} arrays of shape "
+                         f"{next(iter(shapes))}")
+    return inputs
 
 
 def _takes_channels(model, expected):
@@ -276,7 +299,7 @@ def _check_data(model, x):
         spec = spec[0] if isinstance(spec, tuple) and spec else spec
         if isinstance(spec, tf.TensorSpec) and spec.shape.rank is not None:
             check_images(model, spec)
-    elif hasattr(x, "shape"):
+    else:
         check_images(model, x)
 
 

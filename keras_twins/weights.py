@@ -1,6 +1,7 @@
 """Loads the `weights` argument of the constructors into a built model."""
 
 import os
+import re
 import warnings
 
 
@@ -39,12 +40,30 @@ def load_weights(model, weights, variant, include_top, classes):
         try:
             model.load_weights(path)
         except Exception as error:  # Keras raises several types; say which file.
-            detail = _first_part(error)
-            raise ValueError(f"Could not load the weights file {path} into {model.name}: "
-                             f"{detail}") from None
+            raise ValueError(_head_mismatch(error, path, classes) or
+                             f"Could not load the weights file {path} into {model.name}: "
+                             f"{_first_part(error)}") from None
     for warning in caught:
         warnings.warn_explicit(warning.message, warning.category, warning.filename,
                                warning.lineno, module=None)
+
+
+def _head_mismatch(error, path, classes):
+    """Keras' error for a file whose head differs from the model's, said as a
+    checkpoint's is (`weights_convert.load_checkpoint_into_model`); None for
+    any other error. Keras named only the shapes of a variable."""
+    text = " ".join(str(error).split())
+    if "A total of 1 objects could not be loaded" not in text or "name=head," not in text:
+        return None
+    other = re.search(r"value\.shape=\(\d+, (\d+)\)", text)
+    if other:
+        return (f"The weights file {path} has a head of {other.group(1)} classes; pass "
+                f"`classes={other.group(1)}`, or `include_top=False` to drop the head. "
+                f"Received: classes={classes}")
+    if "received 0 variables" in text:
+        return (f"The weights file {path} has no classification head (its model was built "
+                "with include_top=False); pass `include_top=False`")
+    return None
 
 
 def _first_part(error, limit=300):

@@ -155,11 +155,20 @@ def test_weights_file_round_trip_with_and_without_head(tmp_path):
                                  weights=str(tmp_path / "tiny.weights.h5"))
     np.testing.assert_array_equal(headless.get_layer("norm").gamma.numpy(),
                                   model.get_layer("norm").gamma.numpy())
+    headless.save_weights(tmp_path / "headless.weights.h5")
     # A file that does not fit gets the one-line error and none of Keras' warnings.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(ValueError, match="tiny.weights.h5"):
             keras_twins.Twins(**TINY_PCPVT, weights=str(tmp_path / "tiny.weights.h5"))
+        # Keras named a variable's shapes; a checkpoint's head is named so.
+        with pytest.raises(ValueError, match=re.escape(
+                "tiny.weights.h5 has a head of 5 classes; pass `classes=5`, or "
+                "`include_top=False` to drop the head. Received: classes=10")):
+            keras_twins.Twins(**TINY, classes=10, weights=str(tmp_path / "tiny.weights.h5"))
+        with pytest.raises(ValueError, match=re.escape(
+                "headless.weights.h5 has no classification head")):
+            keras_twins.Twins(**TINY, classes=5, weights=str(tmp_path / "headless.weights.h5"))
     assert [str(warning.message) for warning in caught] == []
 
 
@@ -224,6 +233,25 @@ def test_a_grayscale_batch_is_refused_not_broadcast():
         with pytest.raises(ValueError, match=re.escape("3 (RGB) channels")) as error:
             run(gray)
         assert "\n" not in str(error.value)  # called, Keras printed every pixel under it
+
+
+def test_a_batch_in_a_list_or_dict_of_one_is_checked_and_images_in_a_list_named():
+    """Keras takes a list or dict of one input for the input itself: a gray
+    batch in one ran, broadcast. A list of images, not stacked into a batch,
+    was "expects 1 named input(s) ... but it received 2 input tensors"."""
+    model = keras_twins.Twins(**TINY, input_shape=(None, None, 3), classes=10)
+    gray = np.zeros((2, 64, 64, 1), np.float32)
+    for wrapped in ([gray], (gray,), {"images": gray}):
+        for run in (model, lambda x: model.predict(x, verbose=0)):
+            with pytest.raises(ValueError, match=re.escape("3 (RGB) channels")):
+                run(wrapped)
+    images = [np.zeros((64, 64, 3), np.float32)] * 2
+    for run in (model, lambda x: model.predict(x, verbose=0)):
+        with pytest.raises(ValueError, match=re.escape(
+                "takes a batch of images as one array, (batch, height, width, 3); stack "
+                "them (np.stack(images)). Received: a list of 2 arrays of shape (64, 64, 3)")):
+            run(images)
+    assert model.predict(np.stack(images), verbose=0).shape == (2, 10)  # as the error says
 
 
 def test_one_image_without_its_batch_axis_is_named():
