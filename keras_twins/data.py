@@ -5,8 +5,9 @@ labels:
 
 - `"tfds:NAME"`: a tensorflow-datasets image-classification dataset (for
   ImageNet, `tfds:imagenet2012` with the archives in its manual directory).
-- a folder in the `tfds.ImageFolder` layout, `ROOT/SPLIT/LABEL/*.jpg|png|webp`.
-  Unreadable files are found before training, skipped and counted.
+- a folder in the `tfds.ImageFolder` layout, `ROOT/SPLIT/LABEL/*.jpg|png|webp`,
+  a class's sub-folders included. Unreadable files are found before
+  training, skipped and counted.
 
 `training_pipeline` adds the paper's augmentation (DeiT's): random-resized
 crop, flip, RandAugment, random erasing, then MixUp or CutMix per batch;
@@ -120,10 +121,9 @@ def _folder_split(root, split):
     class_names = _subfolders(folder)
     paths, labels = [], []
     for label, name in enumerate(class_names):
-        for file in sorted(os.listdir(os.path.join(folder, name))):
-            if file.lower().endswith(IMAGE_SUFFIXES):
-                paths.append(os.path.join(folder, name, file))
-                labels.append(label)
+        found = _image_files(os.path.join(folder, name))
+        paths += found
+        labels += [label] * len(found)
     if not paths:
         raise DataError(f"{folder}: no images found (expected {folder}/LABEL/*.jpg|png|webp)")
     readable = _readable(paths)
@@ -136,6 +136,22 @@ def _folder_split(root, split):
     dataset = tf.data.Dataset.from_tensor_slices((paths, labels)).map(
         _decode_file, num_parallel_calls=tf.data.AUTOTUNE)
     return Split(dataset, class_names, len(kept), skipped, paths, labels)
+
+
+def _image_files(folder):
+    """The image files in `folder` and its sub-folders, sorted by path.
+
+    As Keras' `image_dataset_from_directory` and torchvision's `ImageFolder`
+    list a class: images in a sub-folder of a class folder were left out
+    without a word. Hidden folders (`.ipynb_checkpoints`) are not entered,
+    nor links to folders (a link may loop).
+    """
+    found = []
+    for directory, subfolders, files in os.walk(folder):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        found += [os.path.join(directory, file) for file in files
+                  if file.lower().endswith(IMAGE_SUFFIXES)]
+    return sorted(found)
 
 
 def _decode_file(path, label):

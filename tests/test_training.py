@@ -647,6 +647,24 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, capfd):
     assert "skipped 2 unreadable image file(s)" in out
 
 
+def test_a_class_takes_the_images_in_its_sub_folders(tmp_path):
+    """As Keras' image_dataset_from_directory and torchvision's ImageFolder
+    list a class: images one folder down were left out without a word."""
+    data = image_folder(tmp_path / "data", per_class=2, splits=("train",))
+    nested = data / "train" / "square" / "2024" / "batch_b"
+    nested.mkdir(parents=True)
+    shutil.copy(data / "train" / "circle" / "0.png", nested / "extra.PNG")
+    (data / "train" / "circle" / ".ipynb_checkpoints").mkdir()
+    shutil.copy(data / "train" / "circle" / "0.png",
+                data / "train" / "circle" / ".ipynb_checkpoints" / "0-checkpoint.png")
+    split = data_lib.load_split(data, "train")
+    listed = [(os.path.relpath(path.decode(), data / "train"), int(label))
+              for path, label in zip(split.paths.numpy(), split.labels.numpy())]
+    assert listed == [("circle/0.png", 0), ("circle/1.png", 0), ("square/0.png", 1),
+                      ("square/1.png", 1), ("square/2024/batch_b/extra.PNG", 1)]
+    assert split.num_examples == 5 and split.skipped == []
+
+
 def test_webp_images_without_alpha_are_read_and_others_skipped(tmp_path):
     """.webp files were not listed. TensorFlow decodes an RGBA or animated WebP
     only as RGBA, and asking it for that aborted the process on animated files
