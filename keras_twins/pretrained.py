@@ -79,6 +79,18 @@ def imagenet_weights(variant):
     return target
 
 
+def discard_cached_weights(variant):
+    """Deletes the cache entry of `variant` (a damaged one), if there is one."""
+    target = cached_weights_path(variant)
+    directory = os.path.dirname(target)
+    if not os.path.isdir(directory):
+        return
+    with _locked(directory):
+        for path in (target, target[: -len(".weights.h5")] + ".sha256"):
+            if os.path.exists(path):
+                os.remove(path)
+
+
 def _download(url, destination, variant):
     """Streams `url` into `destination` with a progress bar; returns its sha256."""
     digest = hashlib.sha256()

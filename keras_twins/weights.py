@@ -24,16 +24,30 @@ def load_weights(model, weights, variant, include_top, classes):
             not be fetched.
     """
     if weights == "imagenet":
-        from keras_twins.pretrained import imagenet_weights
+        from keras_twins import pretrained
 
-        path = imagenet_weights(variant)
-    else:
-        path = os.fspath(weights)
+        path = pretrained.imagenet_weights(variant)
+        try:
+            _load_keras_weights(model, path, classes)
+        except ValueError as error:
+            # A damaged cache entry (a disk error, a copy cut short) failed
+            # every later call, the same way, until deleted by hand.
+            warnings.warn(f"{error}. Fetching the ImageNet weights of {variant} again.",
+                          stacklevel=3)
+            pretrained.discard_cached_weights(variant)
+            _load_keras_weights(model, pretrained.imagenet_weights(variant), classes)
+        return
+    path = os.fspath(weights)
     if not path.endswith((".h5", ".keras")):
         from weights_convert import load_checkpoint_into_model
 
         load_checkpoint_into_model(model, path, include_top=include_top, classes=classes)
         return
+    _load_keras_weights(model, path, classes)
+
+
+def _load_keras_weights(model, path, classes):
+    """`model.load_weights(path)`; a file that does not fit is one ValueError line."""
     # Keras warns about the parts it could not match before it raises: a file
     # that does not fit gets the one-line error alone.
     with warnings.catch_warnings(record=True) as caught:

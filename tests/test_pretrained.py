@@ -117,6 +117,22 @@ def test_imagenet_weights_match_timm_and_are_cached(hub):
                                   model.get_layer("norm").gamma.numpy())
 
 
+def test_a_damaged_cache_entry_is_fetched_again(hub):
+    """A cached file cut short failed every later call, until deleted by hand."""
+    first = keras_twins.TwinsSVTSmall(weights="imagenet")
+    requests = hub.requests
+    path = pretrained.cached_weights_path(VARIANT)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 3)
+    with pytest.warns(UserWarning, match="Fetching the ImageNet weights of twins_svt_small "
+                                         "again"):
+        again = keras_twins.TwinsSVTSmall(weights="imagenet")
+    assert hub.requests == requests + 2  # the redirect and the file
+    np.testing.assert_array_equal(again.get_layer("head").kernel.numpy(),
+                                  first.get_layer("head").kernel.numpy())
+    assert cache_entries() == [f"{VARIANT}.in1k.sha256", f"{VARIANT}.in1k.weights.h5"]
+
+
 @pytest.mark.parametrize("mode, reason", [
     ("truncated", "truncated"),
     ("missing", "HTTP 404"),
