@@ -6,7 +6,8 @@
     keras-twins export --format tflite|onnx|saved_model --output PATH [--model NAME|CONFIG.json]
                        [--weights imagenet|PATH|none]
                        [--quantize none|float16|dynamic|int8|int8-mixed]
-                       [--representative-data DIR] [--image-size H [W]] [--batch-size 1] [--logits]
+                       [--representative-data DIR] [--image-size H [W]]
+                       [--batch-size 1|any] [--logits]
     keras-twins train --data tfds:NAME|DIR --output DIR [--model NAME|CONFIG.json]
                       [--weights imagenet|PATH] [--image-size H [W]] [--epochs N]
                       [--batch-size B] [--augment imagenet|light|none] [--strategy ...]
@@ -15,6 +16,7 @@
     keras-twins info
 """
 
+import argparse
 import contextlib
 import json
 import os
@@ -72,7 +74,9 @@ def main(argv=None):
     export.add_argument("--image-size", type=int, nargs="+", metavar="SIDE",
                         help="H, or H W: the input size (default: the .keras model's, "
                              "else 224)")
-    export.add_argument("--batch-size", type=int, default=1)
+    export.add_argument("--batch-size", type=_batch_size, default=1,
+                        help="the fixed batch, or 'any' (saved_model and onnx: a dynamic "
+                             "batch axis)")
     export.add_argument("--logits", action="store_true",
                         help="output logits instead of probabilities")
 
@@ -294,7 +298,8 @@ def _export(args):
     except (ValueError, WeightsDownloadError) as error:  # ExportError is a ValueError
         raise CommandError(_one_line(error)) from None
     height, width = export_size(model, image_size)
-    lines = [f"wrote {path} ({args.format}, input {args.batch_size}x{height}x{width}x3 "
+    batch = "N" if args.batch_size is None else args.batch_size
+    lines = [f"wrote {path} ({args.format}, input {batch}x{height}x{width}x3 "
              "float32 RGB in [0, 255]) and labels.txt beside it"]
     lines += [str(w.message) for w in caught if issubclass(w.category, SkippedImagesWarning)]
     if args.format == "tflite":
@@ -308,6 +313,16 @@ def _export(args):
             lines.append("ops computing in float: "
                          + (", ".join(report["float_ops"]) or "none"))
     return "\n".join(lines)
+
+
+def _batch_size(text):
+    """`--batch-size` of export: a number, or 'any' for a dynamic batch axis (None)."""
+    if text == "any":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes a number or 'any'. Received: {text}") from None
 
 
 def _start_cpu_streams(args):

@@ -70,7 +70,10 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
         representative_data: a folder of images for int8 calibration.
         image_size: `(height, width)`; default: the model's static input
             size, or 224x224.
-        batch_size: the fixed batch size of the exported graph.
+        batch_size: the fixed batch size of the exported graph, or `None`
+            for a SavedModel or ONNX file that takes any batch (a dynamic
+            batch axis, as Keras' `model.export` and timm's ONNX export
+            give, for a server that batches requests).
         output: `"probabilities"` or `"logits"`. A model without a layer
             named `head` (a `SemanticFPN`) is exported with its own output.
         labels: the class names, one per output; default `class_names(model)`
@@ -98,11 +101,15 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
         raise ExportError(f"{path}: the output directory does not exist or is not writable")
     _check_replaceable(path, format)
     height, width = export_size(model, image_size)
-    if not is_whole(batch_size):
-        raise ExportError("`batch_size` must be a whole number. "
+    if batch_size is None and format == "tflite":
+        raise ExportError("a TFLite file takes a fixed batch (LiteRT's resize_tensor_input "
+                          "changes it on the device); any batch is for saved_model and onnx. "
+                          "Received: batch_size=None")
+    if batch_size is not None and not is_whole(batch_size):
+        raise ExportError("`batch_size` must be a whole number, or None for any batch. "
                           f"Received: batch_size={batch_size!r}")
     minimum = smallest_image_side(model)
-    if min(height, width) < minimum or batch_size < 1:
+    if min(height, width) < minimum or (batch_size is not None and batch_size < 1):
         raise ExportError(f"the input must be at least {minimum}x{minimum} with a batch of at "
                           f"least 1. Received: image_size={(height, width)}, "
                           f"batch_size={batch_size}")
@@ -411,12 +418,19 @@ def _write_onnx(function, spec, path):
     import tf2onnx
 
     try:
-        tf2onnx.convert.from_function(
-            function, input_signature=[spec], opset=ONNX_OPSET, output_path=path,
+        graph, _ = tf2onnx.convert.from_function(
+            function, input_signature=[spec], opset=ONNX_OPSET,
             custom_op_handlers={"Erfc": (_erfc_as_one_minus_erf, [])},
         )
     except Exception as error:  # tf2onnx raises many types
         raise ExportError(f"ONNX conversion failed: {' '.join(str(error).split())}") from None
+    # Any batch: named, as timm's export names it, where tf2onnx wrote "unk__800".
+    for value in (*graph.graph.input, *graph.graph.output):
+        dim = value.type.tensor_type.shape.dim[0]
+        if dim.HasField("dim_param"):
+            dim.dim_param = "batch"
+    with open(path, "wb") as f:
+        f.write(graph.SerializeToString())
 
 
 def _erfc_as_one_minus_erf(ctx, node, name, args):

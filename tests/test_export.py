@@ -154,6 +154,33 @@ def test_saved_model_serving_signature_matches(case):
     assert np.abs(output.numpy() - expected).max() <= 1e-5
 
 
+def test_saved_model_and_onnx_take_any_batch_with_batch_size_none(tmp_path):
+    """A fixed batch of 1 was the only choice: a server that batches requests
+    could not use the files; a TFLite file keeps its fixed batch."""
+    import onnxruntime
+
+    model = keras_twins.Twins(**TINY, input_shape=(None, None, 3), classes=10)
+    onnx = export(model, tmp_path / "any.onnx", format="onnx", image_size=(64, 80),
+                  batch_size=None)
+    saved = export(model, tmp_path / "any", format="saved_model", image_size=(64, 80),
+                   batch_size=None)
+    session = onnxruntime.InferenceSession(str(onnx))
+    assert session.get_inputs()[0].shape == ["batch", 64, 80, 3]
+    serving = tf.saved_model.load(str(saved)).signatures["serving_default"]
+    for batch in (1, 3):
+        images = np.random.default_rng(batch).uniform(0, 255, (batch, 64, 80, 3)).astype(
+            np.float32)
+        expected = model.predict(images, verbose=0)
+        output = session.run(None, {session.get_inputs()[0].name: images})[0]
+        assert np.abs(output - expected).max() <= 1e-5
+        (output,) = serving(images=tf.constant(images)).values()
+        assert np.abs(output.numpy() - expected).max() <= 1e-5
+    with pytest.raises(ExportError, match=re.escape(
+            "a TFLite file takes a fixed batch")):
+        export(model, tmp_path / "any.tflite", image_size=(64, 80), batch_size=None)
+    assert not (tmp_path / "any.tflite").exists()
+
+
 def test_logits_output(tmp_path):
     model = keras_twins.Twins(**TINY_PCPVT, classes=10)
     images = np.random.default_rng(3).uniform(0, 255, (2, 224, 224, 3)).astype(np.float32)
@@ -335,13 +362,21 @@ def test_cli_export_writes_a_file_and_reports(tmp_path):
          "--image-size", "97", "131"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "GPU delegate" in result.stdout and "1x97x131x3" in result.stdout
+    any_batch = subprocess.run(
+        [sys.executable, "-m", "keras_twins", "export", "--model", str(config),
+         "--weights", "none", "--format", "saved_model", "--output", str(tmp_path / "any"),
+         "--batch-size", "any"], capture_output=True, text=True, timeout=600)
+    assert any_batch.returncode == 0, any_batch.stderr
+    assert "input Nx224x224x3" in any_batch.stdout
     outputs, _ = run_tflite(output, np.zeros((1, 97, 131, 3), np.float32))
     assert outputs.shape == (1, 10)
     for bad, named in [(["--format", "coreml"], "coreml"),
                        (["--format", "tflite", "--quantize", "int8"], "representative_data"),
                        (["--format", "tflite", "--image-size", "16"], "at least 32x32"),
                        (["--format", "tflite", "--image-size", "64", "64", "3"], "H or H W"),
-                       (["--format", "onnx", "--output", str(tmp_path)], "is a folder")]:
+                       (["--format", "onnx", "--output", str(tmp_path)], "is a folder"),
+                       (["--format", "tflite", "--batch-size", "all"], "a number or 'any'"),
+                       (["--format", "tflite", "--batch-size", "any"], "fixed batch")]:
         failed = subprocess.run(
             [sys.executable, "-m", "keras_twins", "export", "--model", str(config),
              "--weights", "none", "--output", str(tmp_path / "bad.tflite"), *bad],
