@@ -236,6 +236,12 @@ class TwinsModel(ImageModel):
             self._in_keras_loop = False
 
 
+# Keras' legacy .h5 format names a saved model by its class name alone, not
+# the registered "keras_twins>TwinsModel": known by it too, a model saved
+# with `model.save("model.h5")` loads after `import keras_twins`.
+keras.saving.get_custom_objects()["TwinsModel"] = TwinsModel
+
+
 def check_images(model, inputs):
     """Raises a one-line `ValueError` for a batch `model` cannot take.
 

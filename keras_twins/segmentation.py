@@ -51,6 +51,10 @@ class SegmentationModel(ImageModel):
     in one line (`keras_twins.model.ImageModel`), not deep inside a convolution."""
 
 
+# Known by its class name alone too, for Keras' legacy .h5 format (as TwinsModel).
+keras.saving.get_custom_objects()["SegmentationModel"] = SegmentationModel
+
+
 def SemanticFPN(backbone, num_classes, fpn_channels=256, head_channels=128,
                 dropout=0.1, name="semantic_fpn"):
     """Semantic FPN on a Twins backbone: images to per-pixel logits.

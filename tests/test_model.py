@@ -87,6 +87,12 @@ def test_keras_file_round_trip_gives_identical_outputs(config, tmp_path):
     np.testing.assert_array_equal(restored.predict(images, verbose=0), expected)
     assert restored.get_layer("stage_1_block_1").drop_path_rate == model.get_layer(
         "stage_1_block_1").drop_path_rate
+    # Keras' legacy format: "Unknown layer: 'TwinsModel'" before.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "You are saving your model as an HDF5 file")
+        model.save(tmp_path / "m.h5")
+    legacy = keras.models.load_model(tmp_path / "m.h5")
+    np.testing.assert_array_equal(legacy.predict(images, verbose=0), expected)
 
 
 def test_models_stay_channels_last_when_keras_defaults_to_channels_first(

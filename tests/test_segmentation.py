@@ -47,7 +47,9 @@ def test_a_batch_it_cannot_take_is_refused_in_one_line(tmp_path):
     model = SemanticFPN(backbone, num_classes=3, **SMALL_HEAD)
     path = tmp_path / "fpn.keras"
     model.save(path)
-    for model in (model, keras.models.load_model(path)):
+    model.save(tmp_path / "fpn.h5")  # Keras' legacy format: "Unknown layer" before
+    for model in (model, keras.models.load_model(path),
+                  keras.models.load_model(tmp_path / "fpn.h5")):
         with pytest.raises(ValueError, match=r"at least 32x32 pixels. Received: "
                                              r"inputs.shape=\(2, 16, 40, 3\)"):
             model.predict(np.zeros((2, 16, 40, 3), "float32"), verbose=0)
