@@ -129,6 +129,16 @@ def test_code_carrying_pickle_does_not_run(format, tmp_path):
     assert not output.exists()
 
 
+def test_a_whole_pickled_module_is_refused_with_the_way_out(tmp_path):
+    """torch.save(model) is a common slip: refused, without saying what to save."""
+    path = tmp_path / "module.pth"
+    torch.save(torch.nn.Linear(2, 2), path)
+    result = run_cli(path, "--output", tmp_path / "out.weights.h5")
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "save model.state_dict() instead" in result.stderr
+
+
 def test_wrapped_checkpoint_with_fine_tuned_head_converts_and_detects_variant(
         state_dict, tmp_path):
     head = {"head.weight": np.ones((10, 512), np.float32), "head.bias": np.zeros(10, np.float32)}

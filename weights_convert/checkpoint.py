@@ -148,7 +148,8 @@ def _read_pickle(path):
         if "Weights only load failed" in message:
             raise ConversionError(
                 f"{path}: refused: the pickle holds code or objects other than "
-                "tensors, and was not run (torch.load weights_only=True)"
+                "tensors, and was not run (torch.load weights_only=True); for a whole "
+                "model saved with torch.save(model), save model.state_dict() instead"
             ) from None
         first_line = message.strip().splitlines()[0] if message.strip() else type(error).__name__
         raise ConversionError(
