@@ -260,6 +260,25 @@ def test_a_batch_in_a_list_or_dict_of_one_is_checked_and_images_in_a_list_named(
     assert model.predict(np.stack(images), verbose=0).shape == (2, 10)  # as the error says
 
 
+def test_the_one_batch_methods_refuse_as_fit_does():
+    """train_on_batch and kin: a gray batch for a model of fixed size failed
+    in the graph, and a label outside the classes raised 41 lines."""
+    model = keras_twins.Twins(**TINY, input_shape=(32, 32, 3), classes=3)
+    model.compile("adam", "sparse_categorical_crossentropy")
+    images = np.zeros((4, 32, 32, 3), np.float32)
+    labels = np.array([0, 1, 2, 0])
+    for run, message in [
+        (lambda: model.train_on_batch(images[..., :1], labels), "3 (RGB) channels"),
+        (lambda: model.predict_on_batch(images[..., :1]), "3 (RGB) channels"),
+        (lambda: model.train_on_batch(images, labels + 1), "Received: a label of 3"),
+        (lambda: model.test_on_batch(images, labels - 1), "Received: a label of -1"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)) as error:
+            run()
+        assert "\n" not in str(error.value)
+    assert np.isfinite(model.train_on_batch(images, labels))
+
+
 def test_one_image_without_its_batch_axis_is_named():
     """Keras' error for an (H, W, 3) image printed its pixels and named no batch axis."""
     model = keras_twins.Twins(**TINY, input_shape=(None, None, 3), classes=10)
