@@ -256,6 +256,12 @@ def _model(model, weights):
     weights = None if weights == "none" else weights
     if model.endswith(".json"):
         config = _read_config(model)
+        for key, instead in (("weights", "give them with --weights"),
+                             ("input_shape", "the command takes any size"),
+                             ("input_tensor", "the command takes any size")):
+            if key in config:
+                raise CommandError(f"{model}: sets {key}, which the command sets itself "
+                                   f"({instead}); leave {key} out of it")
         try:
             return keras_twins.Twins(**config, weights=weights, input_shape=(None, None, 3))
         except TypeError as error:  # say, `weights` in the file as well

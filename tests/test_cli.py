@@ -158,6 +158,32 @@ def test_a_bad_config_json_is_one_line_in_every_command(content, message, tmp_pa
     assert not (tmp_path / "run").exists() and not (tmp_path / "model.tflite").exists()
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("weights", "imagenet", "sets weights, which the command sets itself (give them with "
+                            "--weights)"),
+    ("input_shape", [64, 64, 3], "sets input_shape, which the command sets itself (the "
+                                 "command takes any size)"),
+])
+def test_a_config_json_that_sets_what_the_command_sets_is_named(key, value, message, tmp_path,
+                                                                capsys):
+    """predict and export said Twins' "got multiple values for keyword argument"."""
+    from conftest import TINY
+    from keras_twins import cli
+
+    config = tmp_path / "model.json"
+    config.write_text(json.dumps({**TINY, key: value}))
+    image = tmp_path / "image.png"
+    Image.new("RGB", (40, 30)).save(image)
+    for argv in (["predict", "--model", config, "--weights", "none", image],
+                 ["export", "--model", config, "--weights", "none", "--format", "onnx",
+                  "--output", tmp_path / "model.onnx"]):
+        assert cli.main(list(map(str, argv))) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {config}: ") and message in err, err
+        assert err.count("\n") == 1, err
+    assert not (tmp_path / "model.onnx").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--data", "d", "--output", "o", "--epochs", "x"],
      "keras-twins train: argument --epochs: invalid int value: 'x'"),
