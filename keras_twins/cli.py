@@ -264,7 +264,7 @@ def _model(model, weights):
                                    f"({instead}); leave {key} out of it")
         try:
             return keras_twins.Twins(**config, weights=weights, input_shape=(None, None, 3))
-        except TypeError as error:  # say, `weights` in the file as well
+        except TypeError as error:  # say, a required argument missing from the file
             raise CommandError(f"{model}: not a usable model configuration "
                                f"({_one_line(error)})") from None
     if model not in keras_twins.CONSTRUCTORS:

@@ -52,6 +52,11 @@ def cached_weights_path(variant):
     return os.path.join(cache_dir(), f"{variant}.in1k.weights.h5")
 
 
+def _digest_path(variant):
+    """Where the sha256 of the download that made the cache entry is recorded."""
+    return os.path.join(cache_dir(), f"{variant}.in1k.sha256")
+
+
 def imagenet_weights(variant):
     """Returns the path of the cached Keras weights of `variant`, fetching them once.
 
@@ -75,7 +80,7 @@ def imagenet_weights(variant):
                 raise _error(variant, url, f"sha256 {digest} differs from the pinned {pinned}")
             with replacing(target) as converted:
                 _convert(variant, url, download, converted)
-                write_text(target[: -len(".weights.h5")] + ".sha256", f"{digest}  {url}\n")
+                write_text(_digest_path(variant), f"{digest}  {url}\n")
     return target
 
 
@@ -86,7 +91,7 @@ def discard_cached_weights(variant):
     if not os.path.isdir(directory):
         return
     with _locked(directory):
-        for path in (target, target[: -len(".weights.h5")] + ".sha256"):
+        for path in (target, _digest_path(variant)):
             if os.path.exists(path):
                 os.remove(path)
 
