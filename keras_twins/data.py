@@ -5,9 +5,9 @@ labels:
 
 - `"tfds:NAME"`: a tensorflow-datasets image-classification dataset (for
   ImageNet, `tfds:imagenet2012` with the archives in its manual directory).
-- a folder in the `tfds.ImageFolder` layout, `ROOT/SPLIT/LABEL/*.jpg|png|webp`,
-  a class's sub-folders included. Unreadable files are found before
-  training, skipped and counted.
+- a folder in the `tfds.ImageFolder` layout, `ROOT/SPLIT/LABEL/*.jpg|png|webp`
+  (or jpeg, bmp, gif, tif, tiff), a class's sub-folders included.
+  Unreadable files are found before training, skipped and counted.
 
 `training_pipeline` adds the paper's augmentation (DeiT's): random-resized
 crop, flip, RandAugment, random erasing, then MixUp or CutMix per batch;
@@ -26,7 +26,9 @@ import tensorflow as tf
 from keras_twins import cpu_streams, variants
 
 TFDS_PREFIX = "tfds:"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+# TIFF has no TensorFlow decoder; those files are read with Pillow.
+PILLOW_SUFFIXES = (".tif", ".tiff")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp") + PILLOW_SUFFIXES
 VALIDATION_SPLITS = ("validation", "val", "test")
 AUGMENTATIONS = ("imagenet", "light", "none")
 # Images are (height, width, 3) whatever keras.config.image_data_format() says,
@@ -155,16 +157,57 @@ def _image_files(folder):
 
 
 def _decode_file(path, label):
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    image = tf.cond(
+        _read_by_pillow(path),
+        lambda: tf.numpy_function(_pillow_decode, [path], tf.uint8, stateful=False),
+        lambda: _tensorflow_decode(path),
+    )
     return tf.ensure_shape(image, [None, None, 3]), label
+
+
+def _read_by_pillow(path):
+    return tf.strings.regex_full_match(tf.strings.lower(path), r".*\.tiff?")
+
+
+def _tensorflow_decode(path):
+    return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+
+
+def _pillow_decode(path):
+    """The first frame of a file TensorFlow cannot decode, as RGB uint8."""
+    from PIL import Image
+
+    from keras_twins.images import rgb
+
+    with Image.open(path.decode()) as image:
+        return np.asarray(rgb(image), dtype=np.uint8)
+
+
+def _pillow_height(path):
+    """The height of the decoded file, or -1 where Pillow cannot decode it.
+
+    Not an error: TensorFlow logs each error of a Python function with its
+    traceback.
+    """
+    try:
+        return np.int64(_pillow_decode(path).shape[0])
+    except Exception:  # a damaged file fails anywhere in Pillow's decoders
+        return np.int64(-1)
 
 
 def _readable(paths):
     """The paths whose files decode, found in one parallel pass."""
+
+    def height(path):
+        return tf.cond(
+            _read_by_pillow(path),
+            lambda: tf.numpy_function(_pillow_height, [path], tf.int64, stateful=False),
+            lambda: tf.shape(_tensorflow_decode(path), out_type=tf.int64)[0],
+        )
+
     check = tf.data.Dataset.from_tensor_slices(paths).map(
-        lambda path: (path, tf.shape(_decode_file(path, 0)[0])[0]),
-        num_parallel_calls=tf.data.AUTOTUNE,
-    ).ignore_errors()
+        lambda path: (path, height(path)), num_parallel_calls=tf.data.AUTOTUNE,
+    ).ignore_errors().filter(lambda path, height: height > 0)
     return {path.decode() for path, _ in check.as_numpy_iterator()}
 
 

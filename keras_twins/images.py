@@ -38,13 +38,7 @@ def _evaluation_crop(image, crop_height, crop_width, crop_pct):
     """`load_image`'s resize and crop of an open Pillow image."""
     from PIL import Image
 
-    if image.mode.startswith("I;16") or image.mode == "I":
-        # 16-bit grayscale (PNG as I;16; PGM, TIFF and older Pillows' PNG as
-        # 32-bit I): Pillow's convert("RGB") clips at 255, so nearly every
-        # pixel turned white. Keep the high byte, as TensorFlow's decoder
-        # does for the training and evaluation data.
-        image = Image.fromarray(np.clip(np.asarray(image) >> 8, 0, 255).astype(np.uint8))
-    image = image.convert("RGB")
+    image = rgb(image)
     width, height = image.size
     if crop_height == crop_width:
         short = int(crop_height / crop_pct)
@@ -61,6 +55,21 @@ def _evaluation_crop(image, crop_height, crop_width, crop_pct):
     top = int(round((size[1] - crop_height) / 2.0))
     image = image.crop((left, top, left + crop_width, top + crop_height))
     return np.asarray(image, dtype=np.float32)
+
+
+def rgb(image):
+    """An open Pillow image as an RGB one, 16-bit grayscale by its high byte.
+
+    Pillow opens 16-bit grayscale as I;16 (PNG) or 32-bit I (PGM, TIFF and
+    older Pillows' PNG), and its convert("RGB") clips those at 255, so
+    nearly every pixel turned white. The high byte is what TensorFlow's
+    decoder keeps for the training and evaluation data.
+    """
+    from PIL import Image
+
+    if image.mode.startswith("I;16") or image.mode == "I":
+        image = Image.fromarray(np.clip(np.asarray(image) >> 8, 0, 255).astype(np.uint8))
+    return image.convert("RGB")
 
 
 def _crop_size(image_size):
