@@ -115,16 +115,19 @@ class AdamW(keras.optimizers.AdamW):
 
     def _clipped(self, grads):
         present = [g for g in grads if g is not None]
-        context = tf.distribute.get_replica_context()
-        total = present
-        if context is not None and context.num_replicas_in_sync > 1:
-            total = context.all_reduce(tf.distribute.ReduceOp.SUM, present)
-        norm = tf.linalg.global_norm(total)
-        factor = self.clip_global_norm / tf.maximum(norm, self.clip_global_norm)
-        return [None if g is None else g * tf.cast(factor, g.dtype) for g in grads]
+        if keras.backend.backend() == "tensorflow":
+            context = tf.distribute.get_replica_context()
+            if context is not None and context.num_replicas_in_sync > 1:
+                present = context.all_reduce(tf.distribute.ReduceOp.SUM, present)
+            norm = tf.linalg.global_norm(present)
+        else:  # one device (Keras' other backends): no replicas to sum over
+            norm = keras.ops.sqrt(sum(keras.ops.sum(keras.ops.square(g)) for g in present))
+        factor = self.clip_global_norm / keras.ops.maximum(norm, self.clip_global_norm)
+        return [None if g is None else g * keras.ops.cast(factor, g.dtype) for g in grads]
 
     def update_step(self, gradient, variable, learning_rate):
-        if self.amsgrad:
+        if self.amsgrad or keras.backend.backend() != "tensorflow":
+            # ResourceApplyAdam is TensorFlow's; Keras' ops compute the same update.
             return super().update_step(gradient, variable, learning_rate)
         dtype = variable.dtype
         index = self._get_variable_index(variable)

@@ -383,6 +383,50 @@ def test_adamw_updates_as_keras_adamw_does_one_kernel_per_variable():
     assert ops[0].count("Mul") < ops[1].count("Mul") - 2 * len(shapes)
 
 
+def test_adamw_and_the_recipe_train_on_keras_torch_backend(tmp_path):
+    """The model runs on Keras' other backends; the recipe's AdamW failed there
+    with "'Parameter' object has no attribute 'handle'" (TensorFlow's kernel)."""
+    script = tmp_path / "torch_backend.py"
+    script.write_text(f"""
+import json
+import keras
+import numpy as np
+import keras_twins
+from keras_twins import training
+assert keras.backend.backend() == "torch"
+rng = np.random.default_rng(7)
+start = [rng.normal(size=shape).astype("float32") for shape in [(5, 3), (3,)]]
+settings = dict(learning_rate=0.01, weight_decay=0.1, beta_1=0.8, beta_2=0.95, epsilon=1e-3)
+results = []
+for optimizer in (training.AdamW(clip_global_norm=5.0, **settings),
+                  keras.optimizers.AdamW(global_clipnorm=5.0, **settings)):
+    variables = [keras.Variable(value) for value in start]
+    optimizer.build(variables)
+    for scale in [0.01, 100.0]:  # the second step is clipped
+        optimizer.apply([keras.ops.convert_to_tensor(v * scale) for v in start], variables)
+    results.append([keras.ops.convert_to_numpy(v) for v in variables])
+apart = max(float(np.abs(a - b).max()) for a, b in zip(*results))
+moved = min(float(np.abs(a - b).max()) for a, b in zip(results[0], start))
+# 64x64: every query has several keys (at 32x32 some have one, and no gradient)
+model = keras_twins.Twins(**{TINY!r}, classes=3, input_shape=(64, 64, 3))
+before = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
+training.compile_for_training(model, training.make_optimizer(model, 1e-3))
+images = rng.uniform(0, 255, (4, 64, 64, 3)).astype("float32")
+labels = np.eye(3, dtype="float32")[[0, 1, 2, 0]]
+loss = model.fit(images, labels, batch_size=2, epochs=1, verbose=0).history["loss"][-1]
+changed = sum(not np.array_equal(keras.ops.convert_to_numpy(v), b)
+              for v, b in zip(model.trainable_variables, before))
+print(json.dumps(dict(apart=apart, moved=moved, loss=loss, changed=changed,
+                      variables=len(before))))
+""")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            env={**os.environ, "KERAS_BACKEND": "torch"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["moved"] > 1e-3 and found["apart"] < 1e-6, found
+    assert np.isfinite(found["loss"]) and found["changed"] == found["variables"], found
+
+
 def test_a_query_before_a_single_key_gets_a_zero_gradient_not_none():
     # At 32x32 the sub-sampled keys of stages 2 and 4 are one token: the
     # softmax is constant, so the query's gradient is zero, as in PyTorch,
