@@ -415,6 +415,7 @@ def _train(args):
 
 
 def _evaluate(args):
+    from keras_twins.data import VALIDATION_SPLITS
     from keras_twins.training import evaluate
 
     _start_cpu_streams(args)
@@ -426,7 +427,10 @@ def _evaluate(args):
         raise CommandError(_one_line(error)) from None
     if args.json:
         return json.dumps(results, indent=2)
-    lines = [f"{results['examples']} examples: loss {results['loss']:.4f}, "
+    split = f"the {results['split']} split"
+    if args.split == "auto" and results["split"] == "train":
+        split += f" ({args.data} has no {' or '.join(VALIDATION_SPLITS)} split)"
+    lines = [f"{results['examples']} examples of {split}: loss {results['loss']:.4f}, "
              f"top-1 {results['accuracy']:.4f}, top-5 {results['top5']:.4f}"]
     if results["skipped"]:
         lines.append(f"skipped {len(results['skipped'])} unreadable image file(s): "

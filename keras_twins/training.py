@@ -580,6 +580,9 @@ def evaluate(data, model_file, split="auto", batch_size=64, data_dir=None,
     """Loss, top-1 and top-5 accuracy of a saved classifier on a split.
 
     The split is resized and center-cropped to the model's input size.
+    `"auto"` takes the first of validation, val and test, else train. The
+    results name the split (`"split"`), its example count (`"examples"`)
+    and the files skipped as unreadable (`"skipped"`).
     """
     if not isinstance(model_file, (str, os.PathLike)):
         raise TrainingError(f"`model_file` must be a path. Received: model_file={model_file!r}")
@@ -620,6 +623,7 @@ def evaluate(data, model_file, split="auto", batch_size=64, data_dir=None,
     results = model.evaluate(
         data_lib.evaluation_pipeline(evaluation, (height, width), batch_size),
         return_dict=True, verbose=1 if verbose == "auto" else verbose)
+    results["split"] = split
     results["examples"] = evaluation.num_examples
     results["skipped"] = evaluation.skipped
     return results

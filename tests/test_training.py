@@ -216,7 +216,7 @@ def test_cli_trains_a_compact_twins_on_the_digits_to_95_percent(tmp_path, capfd)
         text=True, timeout=300)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     metrics = json.loads(evaluated.stdout)
-    assert metrics["examples"] == 359
+    assert metrics["examples"] == 359 and metrics["split"] == "validation"
     assert abs(metrics["accuracy"] - float(rows[-1]["val_accuracy"])) < 1e-6
 
     # The trained model.keras goes on to predict and export through the
@@ -553,6 +553,25 @@ def test_bad_settings_and_model_files_give_one_line_errors(tmp_path, capfd):
     code, _, err = run_cli(capfd, "predict", "--model", tmp_path / "features.keras",
                            data / "train" / "circle" / "0.png")
     assert code == 1 and "not an image classifier" in err, err
+
+
+def test_evaluate_names_the_split_it_scored(tmp_path, capfd):
+    """With no validation split, "auto" scores the train split: the output
+    read as a validation accuracy."""
+    model = keras_twins.Twins(**TINY, classes=2, input_shape=(32, 32, 3))
+    model.save(tmp_path / "model.keras")
+    only_train = image_folder(tmp_path / "only_train", per_class=2, splits=("train",))
+    code, out, err = run_cli(capfd, "evaluate", "--data", only_train, "--model-file",
+                             tmp_path / "model.keras")
+    assert code == 0, err
+    assert out.startswith(f"4 examples of the train split ({only_train} has no validation or "
+                          "val or test split): loss "), out
+    both = image_folder(tmp_path / "both", per_class=3)
+    code, out, err = run_cli(capfd, "evaluate", "--data", both, "--model-file",
+                             tmp_path / "model.keras")
+    assert code == 0 and out.startswith("6 examples of the validation split: loss "), out
+    results = training.evaluate(both, tmp_path / "model.keras", split="train", verbose=0)
+    assert results["split"] == "train" and results["examples"] == 6
 
 
 def test_a_head_without_softmax_is_scored_and_shown_as_probabilities(tmp_path, capfd):
