@@ -154,6 +154,7 @@ def main(argv=None):
 
 def _predict(args):
     from keras_twins import variants
+    from keras_twins.export import LabelsWarning
     from keras_twins.export import class_names
     from keras_twins.images import load_image
     from keras_twins.model import classifier_outputs
@@ -180,7 +181,8 @@ def _predict(args):
     # A model trained at another size (a .keras file) gets its own size.
     size = tuple(model.input_shape[1:3])
     size = variants.DEFAULT_IMAGE_SIZE if None in size else size
-    names = class_names(model, args.model if _is_keras_file(args.model) else None)
+    with _warnings_shown(LabelsWarning):
+        names = class_names(model, args.model if _is_keras_file(args.model) else None)
     results = []
     for path, row in _predicted(model, args.images, size, load_image):
         if outputs == "logits":  # a head without softmax (classifier_activation=None)
@@ -278,6 +280,7 @@ def _model(model, weights):
 
 
 def _export(args):
+    from keras_twins.export import LabelsWarning
     from keras_twins.export import SkippedImagesWarning
     from keras_twins.export import class_names
     from keras_twins.export import export
@@ -295,7 +298,8 @@ def _export(args):
         with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", SkippedImagesWarning)
             model = _model(args.model, args.weights)
-            labels = class_names(model, args.model if _is_keras_file(args.model) else None)
+            with _warnings_shown(LabelsWarning):
+                labels = class_names(model, args.model if _is_keras_file(args.model) else None)
             path = export(model, args.output, format=args.format, quantize=args.quantize,
                           representative_data=args.representative_data,
                           image_size=image_size, batch_size=args.batch_size,
@@ -416,11 +420,12 @@ def _train(args):
 
 def _evaluate(args):
     from keras_twins.data import VALIDATION_SPLITS
+    from keras_twins.export import LabelsWarning
     from keras_twins.training import evaluate
 
     _start_cpu_streams(args)
     try:
-        with _progress_to_terminal():
+        with _progress_to_terminal(), _warnings_shown(LabelsWarning):
             results = evaluate(args.data, args.model_file, split=args.split,
                                batch_size=args.batch_size, data_dir=args.data_dir)
     except ValueError as error:
@@ -436,6 +441,21 @@ def _evaluate(args):
         lines.append(f"skipped {len(results['skipped'])} unreadable image file(s): "
                      + ", ".join(results["skipped"][:5]))
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _warnings_shown(*categories):
+    """Warnings of these categories as `warning: ...` lines on stderr, the
+    command's others staying silenced (`quiet_library_chatter`)."""
+    with warnings.catch_warnings(record=True) as caught:
+        for category in categories:
+            warnings.simplefilter("always", category)
+        try:
+            yield
+        finally:
+            for warning in caught:
+                if issubclass(warning.category, categories):
+                    print(f"warning: {warning.message}", file=sys.stderr)
 
 
 @contextlib.contextmanager

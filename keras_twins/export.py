@@ -51,6 +51,10 @@ class SkippedImagesWarning(UserWarning):
     """Unreadable files in the representative-data folder, left out of calibration."""
 
 
+class LabelsWarning(UserWarning):
+    """A training run's labels.txt that does not name its model's outputs."""
+
+
 def export(model, path, format="tflite", quantize="none", representative_data=None,
            image_size=None, batch_size=1, output="probabilities", labels=None):
     """Exports a Twins model (or any image classifier taking [0, 255] RGB).
@@ -474,14 +478,27 @@ def run_labels(model_file, classes):
     `labels.txt`, the model as `model.keras` and its checkpoints in
     `checkpoints/`. The names count only if there is one per output: a
     `labels.txt` outside a run folder (an export's, say) is not a run's.
+    A run's `labels.txt` that does not name the outputs (missing, not
+    text, another count, an empty line) gets a `LabelsWarning`.
     """
     folder = os.path.dirname(os.path.abspath(model_file))
     if os.path.basename(folder) == "checkpoints":
         folder = os.path.dirname(folder)
     if not os.path.isfile(os.path.join(folder, "run.json")):
         return None
-    names = read_labels(os.path.join(folder, "labels.txt"))
-    return names if names is not None and len(names) == classes and all(names) else None
+    path = os.path.join(folder, "labels.txt")
+    names = read_labels(path)
+    if names is None:
+        problem = "missing or not UTF-8 text"
+    elif len(names) != classes:
+        problem = f"{len(names)} names for {classes} outputs"
+    elif not all(names):
+        problem = f"line {names.index('') + 1} is empty"
+    else:
+        return names
+    warnings.warn(f"{path} does not name the model's {classes} classes ({problem}); "
+                  "it is not used", LabelsWarning, stacklevel=3)
+    return None
 
 
 def read_labels(path):

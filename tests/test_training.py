@@ -574,6 +574,46 @@ def test_evaluate_names_the_split_it_scored(tmp_path, capfd):
     assert results["split"] == "train" and results["examples"] == 6
 
 
+def test_a_runs_labels_that_do_not_name_the_outputs_are_named_in_a_warning(tmp_path, capfd):
+    """predict, export and evaluate fell back to class_0, class_1, ... without a word."""
+    from keras_twins import export
+
+    run = tmp_path / "run"
+    run.mkdir()
+    keras_twins.Twins(**TINY, classes=2, input_shape=(32, 32, 3)).save(run / "model.keras")
+    (run / "run.json").write_text("{}")
+    model = keras.models.load_model(run / "model.keras")
+    for labels, problem in [(b"\xff\xfe\x00", "missing or not UTF-8 text"),
+                            (b"cat\n", "1 names for 2 outputs"),
+                            (b"cat\n\ndog\n", "3 names for 2 outputs"),
+                            (b"cat\n\n", "line 2 is empty"),
+                            (None, "missing or not UTF-8 text")]:
+        if labels is not None:
+            (run / "labels.txt").write_bytes(labels)
+        else:
+            (run / "labels.txt").unlink()
+        with pytest.warns(export.LabelsWarning) as caught:
+            assert export.class_names(model, run / "model.keras") == ["class_0", "class_1"]
+        assert [str(w.message) for w in caught] == [
+            f"{run / 'labels.txt'} does not name the model's 2 classes ({problem}); "
+            "it is not used"]
+    data = image_folder(tmp_path / "data", per_class=1, splits=("validation",))
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "image.png")
+    for command in [("predict", tmp_path / "image.png", "--model", run / "model.keras"),
+                    ("evaluate", "--data", data, "--model-file", run / "model.keras"),
+                    ("export", "--model", run / "model.keras", "--format", "onnx",
+                     "--output", tmp_path / "model.onnx")]:
+        code, out, err = run_cli(capfd, *command)
+        assert code == 0, err
+        assert [line for line in err.splitlines() if line.startswith("warning:")] == [
+            f"warning: {str(caught[0].message)}"], err
+    assert (tmp_path / "labels.txt").read_text() == "class_0\nclass_1\n"
+    (run / "labels.txt").write_text("cat\ndog\n")  # a run's names, used without a word
+    code, out, err = run_cli(capfd, "predict", tmp_path / "image.png", "--model",
+                             run / "model.keras")
+    assert code == 0 and "warning" not in err and re.search(r"\b(cat|dog)\b", out), out
+
+
 def test_a_head_without_softmax_is_scored_and_shown_as_probabilities(tmp_path, capfd):
     """classifier_activation=None: evaluate took its logits for probabilities
     (loss 2.28 against 1.35 here) and predict printed them as such; a model
