@@ -15,6 +15,7 @@ import http.client
 import os
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import keras
@@ -99,6 +100,9 @@ def discard_cached_weights(variant):
 def _download(url, destination, variant):
     """Streams `url` into `destination` with a progress bar; returns its sha256."""
     digest = hashlib.sha256()
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https", "file"):
+        # urllib's "unknown url type" ValueError named neither HF_ENDPOINT nor a way out.
+        raise _error(variant, url, "HF_ENDPOINT must begin with https:// or http://")
     request = urllib.request.Request(url, headers={"User-Agent": "keras-twins"})
     try:
         with urllib.request.urlopen(request, timeout=NETWORK_TIMEOUT) as response:

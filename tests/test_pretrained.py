@@ -170,6 +170,29 @@ def test_refused_connection_fails_fast_with_a_clear_error(monkeypatch, tmp_path)
     assert cache_entries() == []
 
 
+def test_an_endpoint_without_http_is_named_and_a_file_mirror_is_read(hub, monkeypatch,
+                                                                     tmp_path):
+    """HF_ENDPOINT=huggingface.co gave urllib's "unknown url type" ValueError."""
+    monkeypatch.setenv("HF_ENDPOINT", "hf-mirror.example.com")
+    with pytest.raises(WeightsDownloadError) as error:
+        keras_twins.TwinsSVTSmall(weights="imagenet", include_top=False)
+    assert str(error.value).startswith(
+        f"Could not get the ImageNet weights of {VARIANT} from hf-mirror.example.com/timm/"), \
+        error.value
+    assert "HF_ENDPOINT must begin with https:// or http://" in str(error.value)
+    assert cache_entries() == [] and hub.requests == 0
+    # A copy of the hub's tree on disk serves as well.
+    mirror = tmp_path / "mirror"
+    entry = mirror / HUB_PATH.lstrip("/")
+    entry.parent.mkdir(parents=True)
+    entry.write_bytes(hub.payload)
+    monkeypatch.setenv("HF_ENDPOINT", mirror.as_uri())
+    model = keras_twins.TwinsSVTSmall(weights="imagenet", include_top=False)
+    assert f"{VARIANT}.in1k.weights.h5" in cache_entries() and hub.requests == 0
+    np.testing.assert_array_equal(model.get_layer("norm").gamma.numpy(),
+                                  hub.reference.norm.weight.detach().numpy())
+
+
 def test_pinned_digest_mismatch_is_refused(hub, monkeypatch):
     monkeypatch.setitem(pretrained.PINNED_SHA256, VARIANT, "0" * 64)
     with pytest.raises(WeightsDownloadError, match="differs from the pinned"):
