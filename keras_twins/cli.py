@@ -158,6 +158,7 @@ def _predict(args):
     from keras_twins.export import class_names
     from keras_twins.images import load_image
     from keras_twins.model import classifier_outputs
+    from keras_twins.model import image_input_problem
     from keras_twins.pretrained import WeightsDownloadError
 
     if args.top < 1:
@@ -174,6 +175,8 @@ def _predict(args):
             model = _model(args.model, args.weights)
     except (ValueError, WeightsDownloadError) as error:
         raise CommandError(_one_line(error)) from None
+    if image_input_problem(model):
+        raise CommandError(f"{args.model}: {image_input_problem(model)}")
     outputs = classifier_outputs(model)
     if outputs is None:
         raise CommandError(f"{args.model}: not an image classifier (its output has shape "
@@ -286,6 +289,7 @@ def _export(args):
     from keras_twins.export import export
     from keras_twins.export import export_size
     from keras_twins.export import tflite_report
+    from keras_twins.model import image_input_problem
     from keras_twins.pretrained import WeightsDownloadError
 
     image_size = args.image_size
@@ -298,6 +302,8 @@ def _export(args):
         with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", SkippedImagesWarning)
             model = _model(args.model, args.weights)
+            if image_input_problem(model):
+                raise CommandError(f"{args.model}: {image_input_problem(model)}")
             with _warnings_shown(LabelsWarning):
                 labels = class_names(model, args.model if _is_keras_file(args.model) else None)
             path = export(model, args.output, format=args.format, quantize=args.quantize,

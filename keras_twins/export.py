@@ -22,6 +22,7 @@ from keras_twins.files import replacing
 from keras_twins.files import write_text
 from keras_twins.layers.attention import products_as_fully_connected
 from keras_twins.model import classifier_outputs
+from keras_twins.model import image_input_problem
 from keras_twins.model import smallest_image_side
 
 FORMATS = ("saved_model", "tflite", "onnx")
@@ -89,6 +90,8 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
     """
     if not isinstance(model, keras.Model):
         raise ExportError(f"`model` must be a Keras model. Received: {type(model).__name__}")
+    if image_input_problem(model):
+        raise ExportError(f"`model` is {image_input_problem(model)}")
     if not isinstance(path, (str, os.PathLike)):
         raise ExportError(f"`path` must be a file or folder path. Received: path={path!r}")
     path = os.path.normpath(os.fspath(path))

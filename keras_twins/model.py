@@ -405,6 +405,14 @@ def _build_before_tracing(model, x, y):
     model._symbolic_build(data_batch=batch)
 
 
+def image_input_problem(model):
+    """Why `model` does not take one batch of RGB images, `(batch, H, W, 3)`; None if it does."""
+    shape = model.input_shape
+    if isinstance(shape, tuple) and len(shape) == 4 and shape[-1] == 3:
+        return None
+    return f"not an image model (its input has shape {shape}, not (batch, height, width, 3))"
+
+
 def classifier_outputs(model):
     """What a classifier's `(batch, classes)` output holds: `"probabilities"`,
     or `"logits"` where its last layer is linear (`classifier_activation=None`).

@@ -40,6 +40,7 @@ from keras_twins.files import replacing
 from keras_twins.files import write_text
 from keras_twins.layers import PositionalEncodingGenerator
 from keras_twins.model import classifier_outputs
+from keras_twins.model import image_input_problem
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 MIXED_PRECISION = {None: None, "none": None, "float16": "mixed_float16",
@@ -593,6 +594,8 @@ def evaluate(data, model_file, split="auto", batch_size=64, data_dir=None,
     if not os.path.isfile(model_file):
         raise TrainingError(f"{model_file}: no such model file")
     model = load_keras_model(model_file)
+    if image_input_problem(model):
+        raise TrainingError(f"{model_file}: {image_input_problem(model)}")
     if split == "auto":
         split = data_lib.default_validation_split(data, data_dir, manual_dir) or "train"
     evaluation = data_lib.load_split(data, split, data_dir, manual_dir)

@@ -24,6 +24,7 @@ from conftest import TWO_STAGES
 import keras_twins
 from keras_twins import cli
 from keras_twins import data as data_lib
+from keras_twins import export as export_lib
 from keras_twins import training
 
 WORKER = pathlib.Path(__file__).with_name("train_worker.py")
@@ -553,6 +554,26 @@ def test_bad_settings_and_model_files_give_one_line_errors(tmp_path, capfd):
     code, _, err = run_cli(capfd, "predict", "--model", tmp_path / "features.keras",
                            data / "train" / "circle" / "0.png")
     assert code == 1 and "not an image classifier" in err, err
+    # Models that take no RGB images: "not enough values to unpack" or a
+    # complaint about `image_size` before.
+    tabular = keras.Sequential([keras.Input((10,)), keras.layers.Dense(2, "softmax")])
+    tabular.save(tmp_path / "tabular.keras")
+    gray = keras.Sequential([keras.Input((32, 32, 1)), keras.layers.Flatten(),
+                             keras.layers.Dense(2, "softmax")])
+    gray.save(tmp_path / "gray.keras")
+    for name, shape in [("tabular", "(None, 10)"), ("gray", "(None, 32, 32, 1)")]:
+        message = (f"{tmp_path / name}.keras: not an image model (its input has shape "
+                   f"{shape}, not (batch, height, width, 3))")
+        for command in [("predict", "--model", f"{tmp_path / name}.keras",
+                         data / "train" / "circle" / "0.png"),
+                        ("export", "--model", f"{tmp_path / name}.keras", "--format",
+                         "tflite", "--output", tmp_path / "out.tflite"),
+                        ("evaluate", "--data", data, "--model-file", f"{tmp_path / name}.keras")]:
+            code, _, err = run_cli(capfd, *command)
+            assert code == 1 and err.strip() == f"error: {message}", err
+    assert not (tmp_path / "out.tflite").exists()
+    with pytest.raises(export_lib.ExportError, match=r"^`model` is not an image model \(its "):
+        export_lib.export(tabular, tmp_path / "out.tflite")
 
 
 def test_evaluate_names_the_split_it_scored(tmp_path, capfd):
