@@ -216,6 +216,11 @@ def _predicted(model, paths, size, load_image, chunk=32):
 
     All at once, a shell glob of 10,000 photos took 6 GB of decoded pixels.
     """
+    import keras
+
+    from keras_twins.model import normalized
+    from keras_twins.model import takes_pixels
+
     for start in range(0, len(paths), chunk):
         images = []
         for path in paths[start:start + chunk]:
@@ -225,8 +230,11 @@ def _predicted(model, paths, size, load_image, chunk=32):
                 # Pillow's message names the file too: once is enough.
                 reason = _one_line(error).replace(f"{path}: ", "").replace(f" '{path}'", "")
                 raise CommandError(f"{path}: cannot read the image ({reason})") from None
+        images = np.stack(images)
+        if not takes_pixels(model):  # a Twins model built with include_preprocessing=False
+            images = keras.ops.convert_to_numpy(normalized(images))
         yield from zip(paths[start:start + chunk],
-                       model.predict(np.stack(images), batch_size=chunk, verbose=0))
+                       model.predict(images, batch_size=chunk, verbose=0))
 
 
 def _is_keras_file(model):

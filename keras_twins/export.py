@@ -23,6 +23,8 @@ from keras_twins.files import write_text
 from keras_twins.layers.attention import products_as_fully_connected
 from keras_twins.model import classifier_outputs
 from keras_twins.model import image_input_problem
+from keras_twins.model import normalized
+from keras_twins.model import takes_pixels
 from keras_twins.model import smallest_image_side
 
 FORMATS = ("saved_model", "tflite", "onnx")
@@ -128,7 +130,12 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
     spec = tf.TensorSpec((batch_size, height, width, 3), tf.float32, name="images")
     if format != "saved_model":
         model = _computing_in_float32(model)
-    function = tf.function(_forward(model, output), input_signature=[spec], autograph=False)
+    forward = _forward(model, output)
+    if not takes_pixels(model):
+        # A Twins model built with include_preprocessing=False: every exported
+        # file takes [0, 255] pixels, as its metadata and labels.txt say.
+        forward = _after_normalizing(forward)
+    function = tf.function(forward, input_signature=[spec], autograph=False)
 
     labels = "\n".join(_checked_labels(model, labels)) + "\n"
     with replacing(path) as staging:
@@ -289,6 +296,10 @@ def _forward(model, output):
         return keras.ops.matmul(features(images, training=False), head.kernel) + head.bias
 
     return logits
+
+
+def _after_normalizing(forward):
+    return lambda images: forward(normalized(images))
 
 
 def _check_replaceable(path, format):

@@ -22,6 +22,10 @@ from keras_twins.layers import TransformerBlock
 from keras_twins.layers.layer_norm import onednn_inference_kernels
 from keras_twins.weights import load_weights
 
+# (x / 255 - mean) / std as one multiply-add.
+_PIXEL_SCALE = [[[1.0 / (255.0 * s) for s in variants.IMAGENET_STD]]]
+_PIXEL_OFFSET = [-m / s for m, s in zip(variants.IMAGENET_MEAN, variants.IMAGENET_STD)]
+
 _WEIGHTS_ERROR = (
     "The `weights` argument should be either `None` (random initialization), "
     "`imagenet` (pre-training on ImageNet), or the path to the weights file to "
@@ -79,11 +83,8 @@ def Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios,
         # variables in TFLite and extra inputs in ONNX). The scale is shaped
         # (1, 1, 3): Rescaling reshapes a flat one to (3, 1, 1) when Keras
         # defaults to channels first.
-        x = keras.layers.Rescaling(
-            scale=[[[1.0 / (255.0 * s) for s in variants.IMAGENET_STD]]],
-            offset=[-m / s for m, s in zip(variants.IMAGENET_MEAN, variants.IMAGENET_STD)],
-            name="preprocessing",
-        )(x)
+        x = keras.layers.Rescaling(scale=_PIXEL_SCALE, offset=_PIXEL_OFFSET,
+                                   name="preprocessing")(x)
 
     # Stochastic depth grows linearly over all blocks of the network.
     drop_path_rates = np.linspace(0.0, drop_path_rate, sum(depths)).tolist()
@@ -403,6 +404,25 @@ def _build_before_tracing(model, x, y):
     else:  # a generator or a PyDataset: Keras builds the variables as it traces
         return
     model._symbolic_build(data_batch=batch)
+
+
+def takes_pixels(model):
+    """Whether `model` takes RGB pixels in [0, 255]: False for a Twins network
+    built with `include_preprocessing=False`, which takes images normalized
+    with ImageNet's mean and std (`normalized`), as timm's models do. Any
+    other model is taken to take pixels."""
+    for layer in model._flatten_layers(include_self=False):
+        if layer.name == "preprocessing":
+            return True
+        if isinstance(layer, PatchEmbedding):
+            return False
+    return True
+
+
+def normalized(pixels):
+    """RGB pixels in [0, 255], channels last, normalized as timm's models take them."""
+    return keras.ops.add(keras.ops.multiply(pixels, np.asarray(_PIXEL_SCALE, "float32")),
+                         np.asarray(_PIXEL_OFFSET, "float32"))
 
 
 def image_input_problem(model):

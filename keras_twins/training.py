@@ -41,6 +41,8 @@ from keras_twins.files import write_text
 from keras_twins.layers import PositionalEncodingGenerator
 from keras_twins.model import classifier_outputs
 from keras_twins.model import image_input_problem
+from keras_twins.model import normalized
+from keras_twins.model import takes_pixels
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 MIXED_PRECISION = {None: None, "none": None, "float16": "mixed_float16",
@@ -623,9 +625,11 @@ def evaluate(data, model_file, split="auto", batch_size=64, data_dir=None,
                   metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
                            keras.metrics.TopKCategoricalAccuracy(k=min(5, classes),
                                                                  name="top5")])
-    results = model.evaluate(
-        data_lib.evaluation_pipeline(evaluation, (height, width), batch_size),
-        return_dict=True, verbose=1 if verbose == "auto" else verbose)
+    batches = data_lib.evaluation_pipeline(evaluation, (height, width), batch_size)
+    if not takes_pixels(model):  # a Twins model built with include_preprocessing=False
+        batches = batches.map(lambda images, labels: (normalized(images), labels))
+    results = model.evaluate(batches, return_dict=True,
+                             verbose=1 if verbose == "auto" else verbose)
     results["split"] = split
     results["examples"] = evaluation.num_examples
     results["skipped"] = evaluation.skipped

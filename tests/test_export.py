@@ -409,6 +409,51 @@ def test_probabilities_from_a_head_without_softmax(tmp_path):
                                    else model(images).numpy(), atol=1e-5)
 
 
+def test_a_model_without_preprocessing_is_given_normalized_pixels(tmp_path, capsys):
+    """include_preprocessing=False: the model takes timm's normalized input.
+    predict and evaluate gave it [0, 255] pixels, and its exported files
+    took normalized input while their metadata said [0, 255] pixels."""
+    from keras_twins import cli
+    from keras_twins import training
+    from keras_twins.model import takes_pixels
+
+    pixels = keras_twins.Twins(**TINY, input_shape=(32, 32, 3), classes=3)
+    bare = keras_twins.Twins(**TINY, input_shape=(32, 32, 3), classes=3,
+                             include_preprocessing=False)
+    bare.set_weights(pixels.get_weights())
+    assert takes_pixels(pixels) and not takes_pixels(bare)
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    expected = pixels.predict(images, verbose=0)
+    assert np.abs(bare.predict(images, verbose=0) - expected).max() > 1e-3
+    for format in ("tflite", "onnx"):
+        path = export(bare, tmp_path / f"bare.{format}", format=format, batch_size=2)
+        if format == "tflite":
+            output, _ = run_tflite(path, images)
+        else:
+            import onnxruntime
+
+            session = onnxruntime.InferenceSession(str(path))
+            output = session.run(None, {session.get_inputs()[0].name: images})[0]
+        assert np.abs(output - expected).max() <= 1e-5, format
+    # The command and evaluate: a folder of PNGs, scored by both models.
+    data = tmp_path / "data" / "validation"
+    for i, label in enumerate("abc"):
+        (data / label).mkdir(parents=True)
+        Image.fromarray(images[i % 2].astype(np.uint8)).save(data / label / "0.png")
+    scores, shown = {}, {}
+    for name, model in (("pixels", pixels), ("bare", bare)):
+        model.save(tmp_path / f"{name}.keras")
+        scores[name] = training.evaluate(tmp_path / "data", tmp_path / f"{name}.keras",
+                                         verbose=0)
+        assert cli.main(["predict", "--json", "--model", str(tmp_path / f"{name}.keras"),
+                         str(data / "a" / "0.png")]) == 0
+        shown[name] = json.loads(capsys.readouterr().out)[0]["predictions"]
+    assert scores["bare"]["loss"] == pytest.approx(scores["pixels"]["loss"], abs=1e-5)
+    assert [p["class_id"] for p in shown["bare"]] == [p["class_id"] for p in shown["pixels"]]
+    assert [p["probability"] for p in shown["bare"]] == pytest.approx(
+        [p["probability"] for p in shown["pixels"]], abs=1e-5)
+
+
 def test_a_mixed_precision_model_exports_as_its_float32_model(tmp_path):
     """As trained with --mixed-precision: TFLite's converter refused the
     half-precision graph, and the ONNX file did not load in onnxruntime."""
