@@ -239,12 +239,15 @@ def _training_config(config, drop_path_rate):
         if key in config:
             raise TrainingError(f"the model configuration sets {key}, which train sets from "
                                 f"its argument {argument}; leave {key} out of it")
-    for key, value in (("include_top", True), ("classifier_activation", "softmax")):
+    for key, value, why in (
+            ("include_top", True, "its loss needs"),
+            ("classifier_activation", "softmax", "its loss needs"),
+            ("include_preprocessing", True, "its pipelines give [0, 255] pixels, as the "
+             "trained model.keras takes them")):
         given = config.pop(key, value)
         if given != value:
-            raise TrainingError(f"train builds a classifier with {key}={value!r}, which its "
-                                f"loss needs. Received: {key}={given!r} in the model "
-                                "configuration")
+            raise TrainingError(f"train builds a classifier with {key}={value!r}, which {why}. "
+                                f"Received: {key}={given!r} in the model configuration")
     rate = config.pop("drop_path_rate", None)
     if rate is not None and drop_path_rate is not None and rate != drop_path_rate:
         raise TrainingError(f"drop_path_rate is given twice: {rate!r} in the model "

@@ -711,7 +711,7 @@ def test_a_json_architecture_may_repeat_what_train_sets_not_change_it(tmp_path):
     common = dict(data=str(data), image_size=32, epochs=1, batch_size=4, augment="none",
                   verbose=0)
     config = dict(TINY_LIST, classes=2, include_top=True, classifier_activation="softmax",
-                  drop_path_rate=0.05)
+                  drop_path_rate=0.05, include_preprocessing=True)
     result = training.train(model=config, output=str(tmp_path / "run"), **common)
     rates = [layer.drop_path_rate for layer in result.model.layers
              if hasattr(layer, "drop_path_rate")]
@@ -721,6 +721,9 @@ def test_a_json_architecture_may_repeat_what_train_sets_not_change_it(tmp_path):
         (dict(classes=3), "has classes=3, but"),
         (dict(classifier_activation=None), "Received: classifier_activation=None"),
         (dict(include_top=False), "Received: include_top=False"),
+        # It trained on [0, 255] pixels, then predict and export normalized them.
+        (dict(include_preprocessing=False), "include_preprocessing=True, which its pipelines "
+                                            "give [0, 255] pixels"),
         (dict(input_shape=[32, 32, 3]), "sets input_shape, which train sets from its "
                                         "argument image_size"),
         (dict(weights="imagenet"), "sets weights"),
