@@ -249,6 +249,7 @@ def _model(model, weights):
     file (from `keras-twins train`) is loaded as it is, with its own size.
     """
     import keras_twins
+    from keras_twins.weights import WEIGHTS_SUFFIXES
     from weights_convert import build_model_for
     from weights_convert import read_checkpoint
     from weights_convert.checkpoint import PICKLE_SUFFIXES
@@ -281,10 +282,16 @@ def _model(model, weights):
             raise CommandError(f"{model}: not a usable model configuration "
                                f"({_one_line(error)})") from None
     if model not in keras_twins.CONSTRUCTORS:
-        raise CommandError(
-            f"unknown model {model!r}; choose one of "
-            f"{', '.join(keras_twins.CONSTRUCTORS)}, or give a CONFIG.json"
-        )
+        if model.endswith(WEIGHTS_SUFFIXES):
+            raise CommandError(f"{model}: a weights file; give it with --weights, and its "
+                               "variant or CONFIG.json with --model")
+        if os.path.exists(model):
+            raise CommandError(f"{model}: not a model the command reads; --model takes a variant "
+                               "name, a CONFIG.json or a .keras model (an exported file runs in "
+                               "LiteRT, onnxruntime or TensorFlow Serving)")
+        raise CommandError(f"unknown model {model!r}; choose one of "
+                           f"{', '.join(keras_twins.CONSTRUCTORS)}, a CONFIG.json or a .keras "
+                           "model")
     if weights is not None and weights.endswith((SAFETENSORS_SUFFIX,) + PICKLE_SUFFIXES):
         return build_model_for(read_checkpoint(weights), model, source=weights)
     return keras_twins.CONSTRUCTORS[model](weights=weights, input_shape=(None, None, 3))

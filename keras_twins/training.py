@@ -43,6 +43,7 @@ from keras_twins.model import classifier_outputs
 from keras_twins.model import image_input_problem
 from keras_twins.model import normalized
 from keras_twins.model import takes_pixels
+from keras_twins.weights import WEIGHTS_SUFFIXES
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 MIXED_PRECISION = {None: None, "none": None, "float16": "mixed_float16",
@@ -191,9 +192,7 @@ def build_model(model, classes, image_size, weights=None, drop_path_rate=0.0):
     import keras_twins
 
     if isinstance(model, str):
-        if model not in keras_twins.CONSTRUCTORS:
-            raise TrainingError(f"unknown model {model!r}; choose one of "
-                                f"{', '.join(keras_twins.CONSTRUCTORS)}, or a CONFIG.json")
+        _check_variant(model)
         constructor = keras_twins.CONSTRUCTORS[model]
     else:
         def constructor(**kwargs):
@@ -223,6 +222,18 @@ def build_model(model, classes, image_size, weights=None, drop_path_rate=0.0):
     classifier = build(classes=classes)
     _transfer_weights(source, classifier, weights)
     return classifier
+
+
+def _check_variant(name):
+    import keras_twins
+
+    if name in keras_twins.CONSTRUCTORS:
+        return
+    if name.endswith(WEIGHTS_SUFFIXES):
+        raise TrainingError(f"{name}: a weights file; give it as the weights to fine-tune "
+                            "from, and the model's variant or CONFIG.json as the model")
+    raise TrainingError(f"unknown model {name!r}; choose one of "
+                        f"{', '.join(keras_twins.CONSTRUCTORS)}, or a CONFIG.json")
 
 
 def _training_config(config, drop_path_rate):
@@ -476,6 +487,8 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
         strategy = make_strategy(strategy, tpu)
     chief = _is_chief(strategy)
     architecture, config_classes = model, None
+    if isinstance(model, str):
+        _check_variant(model)  # before the data is read
     if isinstance(model, dict):
         architecture, drop_path_rate, config_classes = _training_config(model, drop_path_rate)
     if drop_path_rate is None:

@@ -4,6 +4,9 @@ import os
 import re
 import warnings
 
+# What `weights=` takes, besides "imagenet": Keras' files and PyTorch checkpoints.
+WEIGHTS_SUFFIXES = (".h5", ".keras", ".safetensors", ".pth", ".pt", ".bin")
+
 
 def load_weights(model, weights, variant, include_top, classes):
     """Loads `"imagenet"`, a Keras weights file or a PyTorch checkpoint into `model`.

@@ -184,6 +184,41 @@ def test_a_config_json_that_sets_what_the_command_sets_is_named(key, value, mess
     assert not (tmp_path / "model.onnx").exists()
 
 
+def test_a_model_argument_that_names_another_kind_of_file_says_what_it_takes(tmp_path,
+                                                                            capsys):
+    """A checkpoint, an exported file or a folder given as --model was an
+    "unknown model" whose list left out .keras models."""
+    from keras_twins import cli
+
+    Image.new("RGB", (40, 40)).save(tmp_path / "photo.png")
+    (tmp_path / "data" / "train" / "cats").mkdir(parents=True)
+    Image.new("RGB", (40, 40)).save(tmp_path / "data" / "train" / "cats" / "photo.png")
+    (tmp_path / "model.tflite").write_bytes(b"TFL3")
+    (tmp_path / "svt.pth").write_bytes(b"")
+    for argv, message in [
+        (["predict", tmp_path / "photo.png", "--model", tmp_path / "svt.pth"],
+         f"{tmp_path / 'svt.pth'}: a weights file; give it with --weights, and its variant "
+         "or CONFIG.json with --model"),
+        (["export", "--format", "onnx", "--output", tmp_path / "x.onnx", "--model",
+          tmp_path / "model.tflite"],
+         f"{tmp_path / 'model.tflite'}: not a model the command reads; --model takes a "
+         "variant name, a CONFIG.json or a .keras model"),
+        (["predict", tmp_path / "photo.png", "--model", tmp_path],
+         f"{tmp_path}: not a model the command reads"),
+        (["predict", tmp_path / "photo.png", "--model", "twins_svt_tiny"],
+         "unknown model 'twins_svt_tiny'; choose one of twins_pcpvt_small, twins_pcpvt_base, "
+         "twins_pcpvt_large, twins_svt_small, twins_svt_base, twins_svt_large, a CONFIG.json "
+         "or a .keras model\n"),
+        (["train", "--data", tmp_path / "data", "--output", tmp_path / "run", "--model",
+          tmp_path / "svt.pth"],
+         f"{tmp_path / 'svt.pth'}: a weights file; give it as the weights to fine-tune from"),
+    ]:
+        assert cli.main(list(map(str, argv))) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--data", "d", "--output", "o", "--epochs", "x"],
      "keras-twins train: argument --epochs: invalid int value: 'x'"),
