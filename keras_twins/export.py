@@ -24,8 +24,8 @@ from keras_twins.layers.attention import products_as_fully_connected
 from keras_twins.model import classifier_outputs
 from keras_twins.model import image_input_problem
 from keras_twins.model import normalized
-from keras_twins.model import takes_pixels
 from keras_twins.model import smallest_image_side
+from keras_twins.model import takes_pixels
 
 FORMATS = ("saved_model", "tflite", "onnx")
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8", "int8-mixed")
