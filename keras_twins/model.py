@@ -409,13 +409,16 @@ def _build_before_tracing(model, x, y):
 def takes_pixels(model):
     """Whether `model` takes RGB pixels in [0, 255]: False for a Twins network
     built with `include_preprocessing=False`, which takes images normalized
-    with ImageNet's mean and std (`normalized`), as timm's models do. Any
-    other model is taken to take pixels."""
-    for layer in model._flatten_layers(include_self=False):
-        if layer.name == "preprocessing":
-            return True
+    with ImageNet's mean and std (`normalized`), as timm's models do: its
+    input meets a patch embedding first. Any other model, one with a layer
+    of its own before the Twins network included, is taken to take pixels."""
+    for layer in model.layers:  # in the order the input meets them
         if isinstance(layer, PatchEmbedding):
             return False
+        if isinstance(layer, keras.Model):
+            return takes_pixels(layer)
+        if not isinstance(layer, keras.layers.InputLayer):
+            return True  # the model's preprocessing, or any other layer before
     return True
 
 

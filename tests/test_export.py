@@ -422,6 +422,12 @@ def test_a_model_without_preprocessing_is_given_normalized_pixels(tmp_path, caps
                              include_preprocessing=False)
     bare.set_weights(pixels.get_weights())
     assert takes_pixels(pixels) and not takes_pixels(bare)
+    # A model of the user's around the bare one: its own first layer decides.
+    inputs = keras.Input((32, 32, 3))
+    assert not takes_pixels(keras.Model(inputs, keras.layers.Dense(2)(bare(inputs))))
+    assert takes_pixels(keras.Sequential([inputs, keras.layers.Rescaling(1 / 127.5, -1), bare]))
+    assert not takes_pixels(keras_twins.SemanticFPN(
+        keras_twins.Twins(**TINY, include_top=False, include_preprocessing=False), 2))
     images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
     expected = pixels.predict(images, verbose=0)
     assert np.abs(bare.predict(images, verbose=0) - expected).max() > 1e-3
