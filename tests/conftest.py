@@ -1,3 +1,4 @@
+import json
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -9,6 +10,7 @@ import torch  # noqa: E402,F401
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 
 # A Twins small enough to build in a second; PCPVT when window_sizes is None.
 TINY = dict(
@@ -89,3 +91,33 @@ def channels_first_by_default():
     keras.config.set_image_data_format("channels_first")
     yield
     keras.config.set_image_data_format(previous)
+
+
+def image_folder(root, classes=("circle", "square"), per_class=12, splits=("train", "validation"),
+                 size=(36, 44)):
+    """Random RGB images in the ImageFolder layout, of uneven sizes."""
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for label in classes:
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                shape = (size[0] + i % 3, size[1] + i % 5, 3)
+                Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(
+                    folder / f"{i}.png")
+    return root
+
+
+def json_config(tmp_path):
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(TINY))
+    return path
+
+
+def run_cli(capfd, *args):
+    """`keras-twins ARGS` in this process: (exit code, stdout, stderr)."""
+    from keras_twins import cli
+
+    code = cli.main(list(map(str, args)))
+    captured = capfd.readouterr()
+    return code, captured.out, captured.err

@@ -20,9 +20,11 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import TINY
+from conftest import image_folder
+from conftest import json_config
+from conftest import run_cli
 from conftest import TWO_STAGES
 import keras_twins
-from keras_twins import cli
 from keras_twins import data as data_lib
 from keras_twins import export as export_lib
 from keras_twins import training
@@ -32,21 +34,6 @@ WORKER = pathlib.Path(__file__).with_name("train_worker.py")
 COMPACT = dict(embed_dims=(32, 64, 96, 128), depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 4),
                mlp_ratios=(2, 2, 2, 2), sr_ratios=(8, 4, 2, 1), window_sizes=(7, 7, 7, 7))
 TINY_LIST = {k: list(v) for k, v in TINY.items()}
-
-
-def image_folder(root, classes=("circle", "square"), per_class=12, splits=("train", "validation"),
-                 size=(36, 44)):
-    """Random RGB images in the ImageFolder layout, of uneven sizes."""
-    rng = np.random.default_rng(0)
-    for split in splits:
-        for label in classes:
-            folder = root / split / label
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                shape = (size[0] + i % 3, size[1] + i % 5, 3)
-                Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(
-                    folder / f"{i}.png")
-    return root
 
 
 def run_worker(tmp_path, name, env=None, **settings):
@@ -464,25 +451,6 @@ def test_learning_rate_warms_up_then_decays_to_zero_per_step():
     assert all(a >= b for a, b in zip(rates[50:], rates[51:]))
 
 
-def test_training_pipeline_shapes_labels_and_mixing(tmp_path):
-    split = data_lib.load_split(image_folder(tmp_path / "data", classes=("a", "b", "c")),
-                                "train")
-    for augment in ("imagenet", "light", "none"):
-        images, labels = next(iter(data_lib.training_pipeline(split, (32, 48), 6, augment)))
-        assert images.shape == (6, 32, 48, 3) and labels.shape == (6, 3)
-        assert 0.0 <= float(np.min(images)) and float(np.max(images)) <= 255.0
-        np.testing.assert_allclose(np.sum(labels, axis=-1), 1.0, atol=1e-5)
-        one_hot = np.all(np.isin(np.asarray(labels), [0.0, 1.0]))
-        assert one_hot == (augment != "imagenet")  # MixUp/CutMix soften the labels
-    evaluation = data_lib.evaluation_pipeline(split, (40, 40), 5)
-    assert [tuple(x.shape) for x, _ in evaluation] == [(5, 40, 40, 3)] * 7 + [(1, 40, 40, 3)]
-    # Without tf.data's autotuning thread, whose sleep (up to 10 s) deleting
-    # an iterator waits out: a 3-step SVT-S fit took 10.24 s instead of 7.
-    for pipeline in (data_lib.training_pipeline(split, (32, 48), 6, "none"), evaluation):
-        assert pipeline.options().autotune.enabled is False
-        assert pipeline.options().autotune.initial_parallelism == len(os.sched_getaffinity(0))
-
-
 def test_training_pipeline_is_channels_last_when_keras_defaults_to_channels_first(
         tmp_path, channels_first_by_default):
     # Before, RandAugment read the (32, 48, 3) image as 32 channels and failed.
@@ -510,12 +478,6 @@ def test_python_train_names_a_bad_argument(change, message, tmp_path):
     with pytest.raises(training.TrainingError, match=re.escape(message)):
         training.train(model=TINY_LIST, **{**arguments, **change})
     assert not (tmp_path / "run").exists()
-
-
-def run_cli(capfd, *args):
-    code = cli.main(list(map(str, args)))
-    captured = capfd.readouterr()
-    return code, captured.out, captured.err
 
 
 def cli_train(capfd, data, output, *more):
@@ -574,93 +536,6 @@ def test_bad_settings_and_model_files_give_one_line_errors(tmp_path, capfd):
     assert not (tmp_path / "out.tflite").exists()
     with pytest.raises(export_lib.ExportError, match=r"^`model` is not an image model \(its "):
         export_lib.export(tabular, tmp_path / "out.tflite")
-
-
-def test_evaluate_names_the_split_it_scored(tmp_path, capfd):
-    """With no validation split, "auto" scores the train split: the output
-    read as a validation accuracy."""
-    model = keras_twins.Twins(**TINY, classes=2, input_shape=(32, 32, 3))
-    model.save(tmp_path / "model.keras")
-    only_train = image_folder(tmp_path / "only_train", per_class=2, splits=("train",))
-    code, out, err = run_cli(capfd, "evaluate", "--data", only_train, "--model-file",
-                             tmp_path / "model.keras")
-    assert code == 0, err
-    assert out.startswith(f"4 examples of the train split ({only_train} has no validation or "
-                          "val or test split): loss "), out
-    both = image_folder(tmp_path / "both", per_class=3)
-    code, out, err = run_cli(capfd, "evaluate", "--data", both, "--model-file",
-                             tmp_path / "model.keras")
-    assert code == 0 and out.startswith("6 examples of the validation split: loss "), out
-    results = training.evaluate(both, tmp_path / "model.keras", split="train", verbose=0)
-    assert results["split"] == "train" and results["examples"] == 6
-
-
-def test_a_runs_labels_that_do_not_name_the_outputs_are_named_in_a_warning(tmp_path, capfd):
-    """predict, export and evaluate fell back to class_0, class_1, ... without a word."""
-    from keras_twins import export
-
-    run = tmp_path / "run"
-    run.mkdir()
-    keras_twins.Twins(**TINY, classes=2, input_shape=(32, 32, 3)).save(run / "model.keras")
-    (run / "run.json").write_text("{}")
-    model = keras.models.load_model(run / "model.keras")
-    for labels, problem in [(b"\xff\xfe\x00", "missing or not UTF-8 text"),
-                            (b"cat\n", "1 names for 2 outputs"),
-                            (b"cat\n\ndog\n", "3 names for 2 outputs"),
-                            (b"cat\n\n", "line 2 is empty"),
-                            (None, "missing or not UTF-8 text")]:
-        if labels is not None:
-            (run / "labels.txt").write_bytes(labels)
-        else:
-            (run / "labels.txt").unlink()
-        with pytest.warns(export.LabelsWarning) as caught:
-            assert export.class_names(model, run / "model.keras") == ["class_0", "class_1"]
-        assert [str(w.message) for w in caught] == [
-            f"{run / 'labels.txt'} does not name the model's 2 classes ({problem}); "
-            "it is not used"]
-    data = image_folder(tmp_path / "data", per_class=1, splits=("validation",))
-    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "image.png")
-    for command in [("predict", tmp_path / "image.png", "--model", run / "model.keras"),
-                    ("evaluate", "--data", data, "--model-file", run / "model.keras"),
-                    ("export", "--model", run / "model.keras", "--format", "onnx",
-                     "--output", tmp_path / "model.onnx")]:
-        code, out, err = run_cli(capfd, *command)
-        assert code == 0, err
-        assert [line for line in err.splitlines() if line.startswith("warning:")] == [
-            f"warning: {str(caught[0].message)}"], err
-    assert (tmp_path / "labels.txt").read_text() == "class_0\nclass_1\n"
-    (run / "labels.txt").write_text("cat\ndog\n")  # a run's names, used without a word
-    code, out, err = run_cli(capfd, "predict", tmp_path / "image.png", "--model",
-                             run / "model.keras")
-    assert code == 0 and "warning" not in err and re.search(r"\b(cat|dog)\b", out), out
-
-
-def test_a_head_without_softmax_is_scored_and_shown_as_probabilities(tmp_path, capfd):
-    """classifier_activation=None: evaluate took its logits for probabilities
-    (loss 2.28 against 1.35 here) and predict printed them as such; a model
-    without a head was "a model of 64 classes"."""
-    data = image_folder(tmp_path / "data", per_class=4)
-    softmax = keras_twins.Twins(**TINY, input_shape=(32, 32, 3), classes=2)
-    logits = keras_twins.Twins(**TINY, input_shape=(32, 32, 3), classes=2,
-                               classifier_activation=None)
-    logits.set_weights(softmax.get_weights())
-    features = keras_twins.Twins(**TINY, input_shape=(32, 32, 3), include_top=False)
-    for name, model in [("softmax", softmax), ("logits", logits), ("features", features)]:
-        model.save(tmp_path / f"{name}.keras")
-    scores = {name: training.evaluate(data, tmp_path / f"{name}.keras", verbose=0)
-              for name in ("softmax", "logits")}
-    assert scores["softmax"]["loss"] == pytest.approx(scores["logits"]["loss"], abs=1e-5)
-    image = data / "train" / "circle" / "0.png"
-    shown = {}
-    for name in ("softmax", "logits"):
-        code, out, err = run_cli(capfd, "predict", "--model", tmp_path / f"{name}.keras",
-                                 "--json", image)
-        assert code == 0, err
-        shown[name] = [p["probability"] for p in json.loads(out)[0]["predictions"]]
-    assert shown["logits"] == pytest.approx(shown["softmax"], abs=1e-6)
-    assert sum(shown["logits"]) == pytest.approx(1.0, abs=1e-6)
-    with pytest.raises(training.TrainingError, match="not an image classifier"):
-        training.evaluate(data, tmp_path / "features.keras", verbose=0)
 
 
 def test_the_smallest_training_size_follows_a_json_architecture(tmp_path, capfd):
@@ -756,102 +631,6 @@ def test_bad_data_gives_one_line_errors(damage, message, tmp_path, capfd):
     assert err.strip().splitlines() == [err.strip()], err
     assert err.startswith("error:") and message in err, err
     assert not (tmp_path / "run").exists()  # a corrected command starts afresh
-
-
-def test_corrupt_images_are_skipped_and_counted(tmp_path, capfd):
-    data = image_folder(tmp_path / "data", per_class=4)
-    (data / "train" / "circle" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    (data / "train" / "square" / "text.jpg").write_text("not an image")
-    # Jupyter's checkpoint folder is not a class.
-    (data / "train" / ".ipynb_checkpoints").mkdir()
-    split = data_lib.load_split(data, "train")
-    assert split.num_examples == 8 and split.class_names == ["circle", "square"]
-    assert sorted(os.path.basename(p) for p in split.skipped) == ["broken.png", "text.jpg"]
-    code, out, err = run_cli(capfd, "train", "--data", data, "--model", json_config(tmp_path),
-                             "--image-size", "32", "--epochs", "1", "--batch-size", "4",
-                             "--augment", "none", "--output", tmp_path / "run")
-    assert code == 0, err[-2000:]
-    assert "skipped 2 unreadable image file(s)" in out
-
-
-def test_a_class_takes_the_images_in_its_sub_folders(tmp_path):
-    """As Keras' image_dataset_from_directory and torchvision's ImageFolder
-    list a class: images one folder down were left out without a word."""
-    data = image_folder(tmp_path / "data", per_class=2, splits=("train",))
-    nested = data / "train" / "square" / "2024" / "batch_b"
-    nested.mkdir(parents=True)
-    shutil.copy(data / "train" / "circle" / "0.png", nested / "extra.PNG")
-    (data / "train" / "circle" / ".ipynb_checkpoints").mkdir()
-    shutil.copy(data / "train" / "circle" / "0.png",
-                data / "train" / "circle" / ".ipynb_checkpoints" / "0-checkpoint.png")
-    split = data_lib.load_split(data, "train")
-    listed = [(os.path.relpath(path.decode(), data / "train"), int(label))
-              for path, label in zip(split.paths.numpy(), split.labels.numpy())]
-    assert listed == [("circle/0.png", 0), ("circle/1.png", 0), ("square/0.png", 1),
-                      ("square/1.png", 1), ("square/2024/batch_b/extra.PNG", 1)]
-    assert split.num_examples == 5 and split.skipped == []
-
-
-def test_webp_images_without_alpha_are_read_and_others_skipped(tmp_path):
-    """.webp files were not listed. TensorFlow decodes an RGBA or animated WebP
-    only as RGBA, and asking it for that aborted the process on animated files
-    (heap corruption in TensorFlow 2.21), so those are skipped by name."""
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "data" / "train" / "pets"
-    folder.mkdir(parents=True)
-    pixels = rng.integers(0, 255, (30, 41, 4), dtype=np.uint8)
-    Image.fromarray(pixels[..., :3]).save(folder / "lossy.webp")
-    Image.fromarray(pixels[..., :3]).save(folder / "lossless.webp", lossless=True)
-    Image.fromarray(pixels, "RGBA").save(folder / "rgba.webp", lossless=True)
-    frames = [Image.fromarray(np.roll(pixels[..., :3], i, 0)) for i in range(3)]
-    frames[0].save(folder / "animated.webp", save_all=True, append_images=frames[1:])
-    (folder / "short.webp").write_bytes(b"RIFF")
-    split = data_lib.load_split(tmp_path / "data", "train")
-    assert sorted(os.path.basename(p) for p in split.skipped) == [
-        "animated.webp", "rgba.webp", "short.webp"]
-    decoded = {os.path.basename(path.decode()): image for (image, _), path in
-               zip(split.dataset.as_numpy_iterator(), split.paths.numpy())}
-    assert sorted(decoded) == ["lossless.webp", "lossy.webp"]
-    np.testing.assert_array_equal(decoded["lossless.webp"], pixels[..., :3])
-    with Image.open(folder / "lossy.webp") as opened:
-        lossy = np.asarray(opened.convert("RGB")).astype(int)
-    # libwebp's YUV to RGB conversion may differ from Pillow's by a level or two.
-    assert np.abs(decoded["lossy.webp"].astype(int) - lossy).max() <= 3
-
-
-def test_tiff_images_are_read_as_pillow_reads_them_and_damaged_ones_skipped(tmp_path):
-    """TensorFlow has no TIFF decoder: .tif files were left out of the split
-    without a word, though `predict` and the int8 calibration read them."""
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "data" / "train" / "cells"
-    folder.mkdir(parents=True)
-    pixels = rng.integers(0, 255, (30, 41, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(folder / "rgb.png")
-    Image.fromarray(pixels).save(folder / "rgb.tif")
-    Image.fromarray(pixels).save(folder / "lzw.TIFF", compression="tiff_lzw")
-    # 16-bit grayscale: the high byte, as TensorFlow's PNG decoder keeps it.
-    Image.fromarray(pixels[..., 0].astype(np.int32) * 256 + 255).save(folder / "gray16.tif")
-    (folder / "short.tif").write_bytes(b"II*\x00" + bytes(20))
-    (tmp_path / "data" / "train" / "empty").mkdir()
-    (tmp_path / "data" / "train" / "empty" / "only.tiff").write_text("not an image")
-    split = data_lib.load_split(tmp_path / "data", "train")
-    assert sorted(os.path.basename(p) for p in split.skipped) == ["only.tiff", "short.tif"]
-    decoded = {os.path.basename(path.decode()): image for (image, _), path in
-               zip(split.dataset.as_numpy_iterator(), split.paths.numpy())}
-    assert sorted(decoded) == ["gray16.tif", "lzw.TIFF", "rgb.png", "rgb.tif"]
-    for name in ["rgb.tif", "lzw.TIFF"]:
-        np.testing.assert_array_equal(decoded[name], decoded["rgb.png"])
-    np.testing.assert_array_equal(decoded["gray16.tif"],
-                                  np.repeat(pixels[..., :1], 3, axis=-1))
-    batches = data_lib.training_pipeline(split, (32, 32), 2, augment="light")
-    images, labels = next(iter(batches))
-    assert images.shape == (2, 32, 32, 3) and labels.shape == (2, 2)
-
-
-def json_config(tmp_path):
-    path = tmp_path / "tiny.json"
-    path.write_text(json.dumps(TINY))
-    return path
 
 
 def test_an_output_folder_of_another_run_is_refused_unless_resumed(tmp_path, capfd):
