@@ -158,7 +158,6 @@ def _predict(args):
     from keras_twins.export import class_names
     from keras_twins.images import load_image
     from keras_twins.model import classifier_outputs
-    from keras_twins.model import image_input_problem
     from keras_twins.pretrained import WeightsDownloadError
 
     if args.top < 1:
@@ -175,8 +174,6 @@ def _predict(args):
             model = _model(args.model, args.weights)
     except (ValueError, WeightsDownloadError) as error:
         raise CommandError(_one_line(error)) from None
-    if image_input_problem(model):
-        raise CommandError(f"{args.model}: {image_input_problem(model)}")
     outputs = classifier_outputs(model)
     if outputs is None:
         raise CommandError(f"{args.model}: not an image classifier (its output has shape "
@@ -221,6 +218,7 @@ def _predicted(model, paths, size, load_image, chunk=32):
     from keras_twins.model import normalized
     from keras_twins.model import takes_pixels
 
+    normalize = not takes_pixels(model)  # a Twins model built with include_preprocessing=False
     for start in range(0, len(paths), chunk):
         images = []
         for path in paths[start:start + chunk]:
@@ -231,7 +229,7 @@ def _predicted(model, paths, size, load_image, chunk=32):
                 reason = _one_line(error).replace(f"{path}: ", "").replace(f" '{path}'", "")
                 raise CommandError(f"{path}: cannot read the image ({reason})") from None
         images = np.stack(images)
-        if not takes_pixels(model):  # a Twins model built with include_preprocessing=False
+        if normalize:
             images = keras.ops.convert_to_numpy(normalized(images))
         yield from zip(paths[start:start + chunk],
                        model.predict(images, batch_size=chunk, verbose=0))
@@ -304,7 +302,6 @@ def _export(args):
     from keras_twins.export import export
     from keras_twins.export import export_size
     from keras_twins.export import tflite_report
-    from keras_twins.model import image_input_problem
     from keras_twins.pretrained import WeightsDownloadError
 
     image_size = args.image_size
@@ -317,8 +314,6 @@ def _export(args):
         with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", SkippedImagesWarning)
             model = _model(args.model, args.weights)
-            if image_input_problem(model):
-                raise CommandError(f"{args.model}: {image_input_problem(model)}")
             with _warnings_shown(LabelsWarning):
                 labels = class_names(model, args.model if _is_keras_file(args.model) else None)
             path = export(model, args.output, format=args.format, quantize=args.quantize,

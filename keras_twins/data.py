@@ -18,6 +18,7 @@ center crop, as the references evaluate.
 import dataclasses
 import math
 import os
+import re
 
 import keras
 import numpy as np
@@ -166,7 +167,8 @@ def _decode_file(path, label):
 
 
 def _read_by_pillow(path):
-    return tf.strings.regex_full_match(tf.strings.lower(path), r".*\.tiff?")
+    suffixes = "|".join(re.escape(suffix) for suffix in PILLOW_SUFFIXES)
+    return tf.strings.regex_full_match(tf.strings.lower(path), f".*({suffixes})")
 
 
 def _tensorflow_decode(path):

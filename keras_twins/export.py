@@ -92,8 +92,8 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
     """
     if not isinstance(model, keras.Model):
         raise ExportError(f"`model` must be a Keras model. Received: {type(model).__name__}")
-    if image_input_problem(model):
-        raise ExportError(f"`model` is {image_input_problem(model)}")
+    if problem := image_input_problem(model):
+        raise ExportError(f"`model` is {problem}")
     if not isinstance(path, (str, os.PathLike)):
         raise ExportError(f"`path` must be a file or folder path. Received: path={path!r}")
     path = os.path.normpath(os.fspath(path))

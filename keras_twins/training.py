@@ -283,12 +283,16 @@ def _check_recipe(**settings):
 
 
 def load_keras_model(path):
-    """`keras.models.load_model` without compiling; a bad file is one TrainingError line."""
+    """`keras.models.load_model` without compiling; a bad file, or a model that
+    takes no RGB images, is one TrainingError line."""
     try:
-        return keras.models.load_model(path, compile=False)
+        model = keras.models.load_model(path, compile=False)
     except Exception as error:  # Keras raises several types for a bad file.
         raise TrainingError(f"{path}: not a loadable Keras model "
                             f"({' '.join(str(error).split())[:200]})") from None
+    if problem := image_input_problem(model):
+        raise TrainingError(f"{path}: {problem}")
+    return model
 
 
 def _transfer_weights(source, target, name):
@@ -612,8 +616,6 @@ def evaluate(data, model_file, split="auto", batch_size=64, data_dir=None,
     if not os.path.isfile(model_file):
         raise TrainingError(f"{model_file}: no such model file")
     model = load_keras_model(model_file)
-    if image_input_problem(model):
-        raise TrainingError(f"{model_file}: {image_input_problem(model)}")
     if split == "auto":
         split = data_lib.default_validation_split(data, data_dir, manual_dir) or "train"
     evaluation = data_lib.load_split(data, split, data_dir, manual_dir)
