@@ -115,9 +115,13 @@ def json_config(tmp_path):
 
 
 def run_cli(capfd, *args):
-    """`keras-twins ARGS` in this process: (exit code, stdout, stderr)."""
+    """`keras-twins ARGS` in this process: (exit code, stdout, stderr); a usage
+    error's SystemExit gives its code, as the process would."""
     from keras_twins import cli
 
-    code = cli.main(list(map(str, args)))
+    try:
+        code = cli.main(list(map(str, args)))
+    except SystemExit as exit_:
+        code = exit_.code
     captured = capfd.readouterr()
     return code, captured.out, captured.err

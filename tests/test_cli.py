@@ -8,6 +8,7 @@ import sys
 import pytest
 from PIL import Image
 
+from conftest import run_cli
 from keras_twins.imagenet import imagenet_classes
 
 NAMES = {name for _, name in imagenet_classes()}
@@ -16,6 +17,13 @@ NAMES = {name for _, name in imagenet_classes()}
 def keras_twins_cli(*args):
     return subprocess.run([sys.executable, "-m", "keras_twins", *map(str, args)],
                           capture_output=True, text=True, timeout=600)
+
+
+def keras_twins_in_process(capfd, *args):
+    """The command's result, run in this process: a new process spends 7 s of
+    CPU importing TensorFlow, and one per command shows the start-up is quiet."""
+    code, out, err = run_cli(capfd, *args)
+    return subprocess.CompletedProcess(args, code, out, err)
 
 
 def assert_clean_failure(result, *named):
@@ -87,22 +95,24 @@ def test_predict_json(photos, checkpoint):
         assert sum(p["probability"] for p in predictions) <= 1.0
 
 
-def test_predict_failures_are_one_line(photos, checkpoint, tmp_path, random_reference):
+def test_predict_failures_are_one_line(photos, checkpoint, tmp_path, random_reference, capfd):
     assert_clean_failure(keras_twins_cli("predict", tmp_path / "nope.jpg", "--weights",
                                          checkpoint), "nope.jpg")
     not_an_image = tmp_path / "text.png"
     not_an_image.write_text("hello")
-    result = keras_twins_cli("predict", not_an_image, "--weights", checkpoint)
+    result = keras_twins_in_process(capfd, "predict", not_an_image, "--weights", checkpoint)
     assert_clean_failure(result, "text.png: cannot read the image")
     assert result.stderr.count("text.png") == 1, result.stderr  # Pillow's message named it too
     # A folder was "no such image file".
-    assert_clean_failure(keras_twins_cli("predict", tmp_path, "--weights", checkpoint),
+    assert_clean_failure(keras_twins_in_process(capfd, "predict", tmp_path, "--weights",
+                                                checkpoint),
                          f"{tmp_path}: a folder, not an image file")
-    assert_clean_failure(keras_twins_cli("predict", photos[0], "--model", "twins_svt_tiny"),
-                         "twins_svt_tiny")
+    assert_clean_failure(keras_twins_in_process(capfd, "predict", photos[0], "--model",
+                                                "twins_svt_tiny"), "twins_svt_tiny")
     # An SVT checkpoint for a PCPVT model: named by the key that does not fit.
-    assert_clean_failure(keras_twins_cli("predict", photos[0], "--model", "twins_pcpvt_small",
-                                         "--weights", checkpoint), "key")
+    assert_clean_failure(keras_twins_in_process(capfd, "predict", photos[0], "--model",
+                                                "twins_pcpvt_small", "--weights", checkpoint),
+                         "key")
 
 
 def test_info_lists_variants_and_cache(tmp_path):
@@ -118,18 +128,18 @@ def test_info_lists_variants_and_cache(tmp_path):
     assert str(tmp_path / "models") in result.stdout
 
 
-def test_convert_subcommand(checkpoint, photos, tmp_path):
+def test_convert_subcommand(checkpoint, photos, tmp_path, capfd):
     output = tmp_path / "svt.weights.h5"
     result = keras_twins_cli("convert", checkpoint, "--output", output)
     assert result.returncode == 0, result.stderr
     assert output.exists()
-    assert_clean_failure(keras_twins_cli("convert", tmp_path / "none.pth", "--output", output),
-                         "none.pth")
+    assert_clean_failure(keras_twins_in_process(capfd, "convert", tmp_path / "none.pth",
+                                                "--output", output), "none.pth")
     # Keras' own error for a weights file of another architecture lists every
     # layer that did not fit (5,000 characters here); the command names the file.
-    assert_clean_failure(keras_twins_cli("predict", photos[0], "--model", "twins_pcpvt_small",
-                                         "--weights", output), "svt.weights.h5",
-                         "twins_pcpvt_small")
+    assert_clean_failure(keras_twins_in_process(capfd, "predict", photos[0], "--model",
+                                                "twins_pcpvt_small", "--weights", output),
+                         "svt.weights.h5", "twins_pcpvt_small")
 
 
 @pytest.mark.parametrize("content, message", [

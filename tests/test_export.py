@@ -18,6 +18,7 @@ import keras_twins
 from conftest import TINY
 from conftest import TINY_PCPVT
 from conftest import TWO_STAGES
+from conftest import run_cli
 from conftest import write_oversized_png
 from keras_twins.export import FLOAT_IN_MIXED_INT8
 from keras_twins.export import ExportError
@@ -43,18 +44,33 @@ def run_tflite(path, images):
     return interpreter.get_tensor(interpreter.get_output_details()[0]["index"]), ops
 
 
+def _case(variant, size, directory):
+    """A real variant (random weights) and its Keras output at a size."""
+    model = keras_twins.CONSTRUCTORS[variant](input_shape=(None, None, 3))
+    images = np.random.default_rng(0).uniform(0, 255, (1,) + size + (3,)).astype(np.float32)
+    return model, size, images, model.predict(images, verbose=0), directory
+
+
 # SVT-S at the size it ships at, PCPVT-S at one where every map is padded or
 # floored (24x32, 12x16, 6x8, 3x4). Each case costs about four minutes on CI,
 # so the other two pairings, which take no other code path, are left out.
-@pytest.fixture(scope="module", params=[
-    ("twins_svt_small", (224, 224)), ("twins_pcpvt_small", (97, 131)),
-], ids=lambda p: f"{p[0]}-{p[1][0]}x{p[1][1]}")
-def case(request, tmp_path_factory):
-    """A real variant (random weights) and its Keras output at a size."""
-    variant, size = request.param
-    model = keras_twins.CONSTRUCTORS[variant](input_shape=(None, None, 3))
-    images = np.random.default_rng(0).uniform(0, 255, (1,) + size + (3,)).astype(np.float32)
-    return model, size, images, model.predict(images, verbose=0), tmp_path_factory.mktemp("export")
+@pytest.fixture(scope="module")
+def svt_224(tmp_path_factory):
+    return _case("twins_svt_small", (224, 224), tmp_path_factory.mktemp("svt"))
+
+
+@pytest.fixture(scope="module")
+def pcpvt_97x131(tmp_path_factory):
+    return _case("twins_pcpvt_small", (97, 131), tmp_path_factory.mktemp("pcpvt"))
+
+
+@pytest.fixture
+def case(request):
+    """The module's case named by the test's parameter, built once for all its tests."""
+    return request.getfixturevalue(request.param)
+
+
+BOTH_CASES = pytest.mark.parametrize("case", ["svt_224", "pcpvt_97x131"], indirect=True)
 
 
 def float32_file(case):
@@ -66,6 +82,7 @@ def float32_file(case):
     return path
 
 
+@BOTH_CASES
 def test_tflite_float32_matches_with_builtin_static_ops(case):
     model, size, images, expected, directory = case
     path = float32_file(case)
@@ -84,6 +101,9 @@ def test_tflite_float32_matches_with_builtin_static_ops(case):
     assert contract["range"] == [0, 255] and contract["shape"] == [1, *size, 3]
 
 
+# float16 is a converter setting over the float32 graph that both cases test;
+# the SavedModel serves the graph `predict` runs. One case each.
+@pytest.mark.parametrize("case", ["pcpvt_97x131"], indirect=True)
 def test_tflite_float16_is_close_and_about_half_the_size(case):
     model, size, images, expected, directory = case
     float16 = export(model, directory / "f16.tflite", image_size=size, quantize="float16")
@@ -92,6 +112,7 @@ def test_tflite_float16_is_close_and_about_half_the_size(case):
     assert os.path.getsize(float16) <= 0.55 * os.path.getsize(float32_file(case))
 
 
+@BOTH_CASES
 def test_tflite_full_integer_int8_runs_and_is_under_a_third(case, calibration_images):
     model, size, images, _, directory = case
     int8 = export(model, directory / "int8.tflite", image_size=size, quantize="int8",
@@ -134,6 +155,7 @@ def test_report_counts_a_pack_of_sizes_as_shape_arithmetic(tmp_path):
     assert {"SHAPE", "PACK"} <= set(tflite_report(str(path))["shape_arithmetic"])
 
 
+@BOTH_CASES
 def test_onnx_matches(case):
     import onnxruntime
 
@@ -144,6 +166,7 @@ def test_onnx_matches(case):
     assert np.abs(output - expected).max() <= 1e-5
 
 
+@pytest.mark.parametrize("case", ["svt_224"], indirect=True)
 def test_saved_model_serving_signature_matches(case):
     import tensorflow as tf
 
@@ -352,24 +375,25 @@ def test_an_output_path_that_names_other_things_loses_nothing(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["labels.txt", "notes.txt", "photos", "saved"]
 
 
-def test_cli_export_writes_a_file_and_reports(tmp_path):
+def test_cli_export_writes_a_file_and_reports(tmp_path, capfd):
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps({**TINY, "classes": 10}))
     output = tmp_path / "tiny.tflite"
+    # The installed command once, as a user runs it; the other cases in this
+    # process (each new process spends 7 s of CPU importing TensorFlow).
     result = subprocess.run(
         [sys.executable, "-m", "keras_twins", "export", "--model", str(config),
          "--weights", "none", "--format", "tflite", "--output", str(output),
          "--image-size", "97", "131"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "GPU delegate" in result.stdout and "1x97x131x3" in result.stdout
-    any_batch = subprocess.run(
-        [sys.executable, "-m", "keras_twins", "export", "--model", str(config),
-         "--weights", "none", "--format", "saved_model", "--output", str(tmp_path / "any"),
-         "--batch-size", "any"], capture_output=True, text=True, timeout=600)
-    assert any_batch.returncode == 0, any_batch.stderr
-    assert "input Nx224x224x3" in any_batch.stdout
     outputs, _ = run_tflite(output, np.zeros((1, 97, 131, 3), np.float32))
     assert outputs.shape == (1, 10)
+    code, out, err = run_cli(capfd, "export", "--model", config, "--weights", "none",
+                             "--format", "saved_model", "--output", tmp_path / "any",
+                             "--batch-size", "any")
+    assert code == 0, err
+    assert "input Nx224x224x3" in out
     for bad, named in [(["--format", "coreml"], "coreml"),
                        (["--format", "tflite", "--quantize", "int8"], "representative_data"),
                        (["--format", "tflite", "--image-size", "16"], "at least 32x32"),
@@ -377,12 +401,10 @@ def test_cli_export_writes_a_file_and_reports(tmp_path):
                        (["--format", "onnx", "--output", str(tmp_path)], "is a folder"),
                        (["--format", "tflite", "--batch-size", "all"], "a number or 'any'"),
                        (["--format", "tflite", "--batch-size", "any"], "fixed batch")]:
-        failed = subprocess.run(
-            [sys.executable, "-m", "keras_twins", "export", "--model", str(config),
-             "--weights", "none", "--output", str(tmp_path / "bad.tflite"), *bad],
-            capture_output=True, text=True, timeout=600)
-        assert failed.returncode != 0
-        lines = failed.stderr.strip().splitlines()
+        code, out, err = run_cli(capfd, "export", "--model", config, "--weights", "none",
+                                 "--output", tmp_path / "bad.tflite", *bad)
+        assert code != 0
+        lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and named in lines[0], lines
         assert not (tmp_path / "bad.tflite").exists()
     assert config.exists() and output.exists()
