@@ -129,20 +129,58 @@ class AdamW(keras.optimizers.AdamW):
         factor = self.clip_global_norm / keras.ops.maximum(norm, self.clip_global_norm)
         return [None if g is None else g * keras.ops.cast(factor, g.dtype) for g in grads]
 
-    def update_step(self, gradient, variable, learning_rate):
-        if self.amsgrad or keras.backend.backend() != "tensorflow":
-            # ResourceApplyAdam is TensorFlow's; Keras' ops compute the same update.
-            return super().update_step(gradient, variable, learning_rate)
-        dtype = variable.dtype
-        index = self._get_variable_index(variable)
-        step = tf.cast(self.iterations + 1, dtype)
-        beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
-        tf.raw_ops.ResourceApplyAdam(
-            var=_handle(variable), m=_handle(self._momentums[index]),
-            v=_handle(self._velocities[index]), beta1_power=tf.pow(beta_1, step),
-            beta2_power=tf.pow(beta_2, step), lr=tf.cast(learning_rate, dtype),
-            beta1=beta_1, beta2=beta_2, epsilon=tf.cast(self.epsilon, dtype),
-            grad=tf.cast(gradient, dtype))
+    def _apply_weight_decay(self, variables):
+        # Keras' TensorFlow optimizer evaluates the learning rate once for each
+        # variable it decays: with the recipe's schedule, a cond and a dozen ops
+        # each, 150 of them in an SVT-S step, traced and run. Here it is
+        # evaluated once, and each variable decays as Keras decays it.
+        if self.weight_decay is None or keras.backend.backend() != "tensorflow":
+            return super()._apply_weight_decay(variables)
+        decayed = [v.value if isinstance(v, keras.Variable) else v
+                   for v in variables if self._use_weight_decay(v)]
+
+        def decay(distribution, decayed):
+            learning_rate = self.learning_rate
+
+            def decay_one(variable):
+                lr = tf.cast(learning_rate, variable.dtype)
+                wd = tf.cast(self.weight_decay, variable.dtype)
+                variable.assign_sub(variable * wd * lr)
+
+            for variable in decayed:
+                distribution.extended.update(variable, decay_one, group=False)
+
+        if decayed:
+            tf.__internal__.distribute.interim.maybe_merge_call(
+                decay, self._distribution_strategy, decayed)
+
+    def _distributed_tf_update_step(self, distribution, grads_and_vars, learning_rate):
+        # TensorFlow's update (Keras calls this on no other backend): Adam's
+        # scalars once per step, not once for each variable.
+        if self.amsgrad:  # ResourceApplyAdam has no AMSGrad; Keras' ops have.
+            return super()._distributed_tf_update_step(distribution, grads_and_vars,
+                                                       learning_rate)
+        scalars = {}  # per dtype and replica (each has its own learning-rate tensor)
+
+        def apply_adam(variable, gradient, learning_rate):
+            dtype = variable.dtype
+            key = (dtype, id(learning_rate))
+            if key not in scalars:
+                step = tf.cast(self.iterations + 1, dtype)
+                beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
+                scalars[key] = dict(
+                    beta1_power=tf.pow(beta_1, step), beta2_power=tf.pow(beta_2, step),
+                    lr=tf.cast(learning_rate, dtype), beta1=beta_1, beta2=beta_2,
+                    epsilon=tf.cast(self.epsilon, dtype))
+            index = self._get_variable_index(variable)
+            tf.raw_ops.ResourceApplyAdam(
+                var=_handle(variable), m=_handle(self._momentums[index]),
+                v=_handle(self._velocities[index]), grad=tf.cast(gradient, dtype),
+                **scalars[key])
+
+        for gradient, variable in grads_and_vars:
+            distribution.extended.update(variable, apply_adam, args=(gradient, learning_rate),
+                                         group=False)
 
     def get_config(self):
         return {**super().get_config(), "clip_global_norm": self.clip_global_norm}

@@ -345,11 +345,15 @@ def test_the_weight_decay_spares_biases_norms_and_the_peg():
 
 def test_adamw_updates_as_keras_adamw_does_one_kernel_per_variable():
     rng = np.random.default_rng(7)
-    shapes = [(5, 3), (3,), (2, 2, 4)]
+    shapes = [(5, 3), (3,), (2, 2, 4), (4, 2), (6,), (3, 3)]
     start = [rng.normal(size=shape).astype("float32") for shape in shapes]
     gradients = [[rng.normal(size=shape).astype("float32") * 10 ** i for shape in shapes]
                  for i in range(-2, 2)]  # the last two steps are clipped
-    settings = dict(learning_rate=0.01, weight_decay=0.1, beta_1=0.8, beta_2=0.95, epsilon=1e-3)
+    # The recipe's schedule, warm-up then cosine: the four steps take both branches.
+    schedule = keras.optimizers.schedules.CosineDecay(0.0, decay_steps=4, warmup_target=0.01,
+                                                      warmup_steps=2)
+    settings = dict(learning_rate=schedule, weight_decay=0.1, beta_1=0.8, beta_2=0.95,
+                    epsilon=1e-3)
     results, ops = [], []
     for optimizer in (training.AdamW(clip_global_norm=5.0, **settings),
                       keras.optimizers.AdamW(global_clipnorm=5.0, **settings)):
@@ -369,6 +373,12 @@ def test_adamw_updates_as_keras_adamw_does_one_kernel_per_variable():
         np.testing.assert_allclose(ours, keras_own, rtol=0, atol=1e-6)
     assert ops[0].count("ResourceApplyAdam") == len(shapes)
     assert ops[0].count("Mul") < ops[1].count("Mul") - 2 * len(shapes)
+    # One set of Adam's scalars per step, not one per variable.
+    assert ops[0].count("Pow") == 2
+    # Keras evaluates the schedule, a cond, for the update and again for each
+    # decayed variable (five here); here once for the update and once for the decay.
+    conds = [sum(op.endswith("If") for op in found) for found in ops]
+    assert conds == [2, 1 + len(shapes) - 1], conds
 
 
 def test_adamw_and_the_recipe_train_on_keras_torch_backend(tmp_path):
