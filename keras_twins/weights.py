@@ -58,6 +58,7 @@ def _load_keras_weights(model, path, classes):
             model.load_weights(path)
         except Exception as error:  # Keras raises several types; say which file.
             raise ValueError(_head_mismatch(error, path, classes) or
+                             _other_architecture(path, model) or
                              f"Could not load the weights file {path} into {model.name}: "
                              f"{_first_part(error)}") from None
     for warning in caught:
@@ -81,6 +82,64 @@ def _head_mismatch(error, path, classes):
         return (f"The weights file {path} has no classification head (its model was built "
                 "with include_top=False); pass `include_top=False`")
     return None
+
+
+def _other_architecture(path, model):
+    """Names the Twins architecture a `.weights.h5` file that did not load
+    holds, when it is not the model's; None otherwise. Keras' error named one
+    layer that did not fit, not what the file is."""
+    held = architecture_in_weights_file(path)
+    if held is None or held == _architecture_of(model):
+        return None
+    from keras_twins import variants
+
+    config = dict(embed_dims=held[0], depths=held[1],
+                  window_sizes=(7,) * len(held[0]) if held[2] else None)
+    name = variants.find_variant(**config)
+    family = "Twins-SVT" if held[2] else "Twins-PCPVT"
+    what = name or (f"a {family} with embed_dims={held[0]} and depths={held[1]}")
+    return f"The weights file {path} holds the weights of {what}, not of {model.name}"
+
+
+def _architecture_of(model):
+    """(embed_dims, depths, has LSA blocks) of a built Twins model, as
+    `architecture_in_weights_file` reads them from a file."""
+    from keras_twins.layers import LocallyGroupedSelfAttention
+    from keras_twins.layers import PatchEmbedding
+    from keras_twins.layers import TransformerBlock
+
+    layers = list(model._flatten_layers())
+    embed_dims = tuple(layer.dim for layer in layers if isinstance(layer, PatchEmbedding))
+    blocks = [layer for layer in layers if isinstance(layer, TransformerBlock)]
+    widths = [block.dim for block in blocks]
+    lsa = any(isinstance(block.attention, LocallyGroupedSelfAttention) for block in blocks)
+    return embed_dims, tuple(widths.count(dim) for dim in embed_dims), lsa
+
+
+def architecture_in_weights_file(path):
+    """(embed_dims, depths, has LSA blocks) of the Twins whose weights a Keras
+    `.weights.h5` file holds, read from its layers' shapes; None for any other
+    file, or stages of equal widths (whose blocks cannot be told apart)."""
+    import h5py
+
+    def numbered(layers, prefix):
+        names = [n for n in layers if re.fullmatch(rf"{prefix}(_\d+)?", n)]
+        return sorted(names, key=lambda n: int(n[len(prefix) + 1:] or 0))
+
+    try:
+        with h5py.File(path, "r") as f:
+            layers = f["layers"]
+            embed_dims = tuple(int(layers[n]["projection"]["vars"]["0"].shape[-1])
+                               for n in numbered(layers, "patch_embedding"))
+            blocks = [layers[n] for n in numbered(layers, "transformer_block")]
+            widths = [int(block["norm1"]["vars"]["0"].shape[0]) for block in blocks]
+            lsa = any("qkv" in block["attention"] for block in blocks)
+    except (OSError, KeyError, TypeError, ValueError, IndexError):
+        return None
+    depths = tuple(widths.count(dim) for dim in embed_dims)
+    if not embed_dims or len(set(embed_dims)) < len(embed_dims) or sum(depths) != len(widths):
+        return None
+    return embed_dims, depths, lsa
 
 
 def _first_part(error, limit=300):

@@ -162,11 +162,22 @@ def test_weights_file_round_trip_with_and_without_head(tmp_path):
     np.testing.assert_array_equal(headless.get_layer("norm").gamma.numpy(),
                                   model.get_layer("norm").gamma.numpy())
     headless.save_weights(tmp_path / "headless.weights.h5")
+    keras_twins.TwinsSVTSmall(include_top=False).save_weights(tmp_path / "svt.weights.h5")
     # A file that does not fit gets the one-line error and none of Keras' warnings.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with pytest.raises(ValueError, match="tiny.weights.h5"):
-            keras_twins.Twins(**TINY_PCPVT, weights=str(tmp_path / "tiny.weights.h5"))
+        # Keras named one layer that did not fit; the file's architecture is named.
+        with pytest.raises(ValueError, match=re.escape(
+                f"The weights file {tmp_path / 'tiny.weights.h5'} holds the weights of a "
+                "Twins-SVT with embed_dims=(8, 16, 24, 32) and depths=(1, 2, 1, 2), not of "
+                "pcpvt_tiny") + "$"):
+            keras_twins.Twins(**TINY_PCPVT, weights=str(tmp_path / "tiny.weights.h5"),
+                              name="pcpvt_tiny")
+        for constructor in (keras_twins.TwinsPCPVTSmall, keras_twins.TwinsSVTBase):
+            with pytest.raises(ValueError, match=re.escape(
+                    f"The weights file {tmp_path / 'svt.weights.h5'} holds the weights of "
+                    f"twins_svt_small, not of {constructor(include_top=False).name}") + "$"):
+                constructor(include_top=False, weights=str(tmp_path / "svt.weights.h5"))
         # Keras named a variable's shapes; a checkpoint's head is named so.
         with pytest.raises(ValueError, match=re.escape(
                 "tiny.weights.h5 has a head of 5 classes; pass `classes=5`, or "
