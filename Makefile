@@ -21,8 +21,9 @@ $(VENV)/.demo-installed: setup.cfg pyproject.toml | $(PY)
 # Three workers, one test file each at a time: most of a test's time is single-threaded
 # (tracing, conversion, subprocesses), so the 2-core CI machine runs them side by side.
 # On a 2-core Xeon the suite took 20m55s with three workers, 22m39s with two.
+# The slowest files start first (tests/conftest.py), not the ones with most tests.
 test: $(VENV)/.test-installed
-	$(PY) -m pytest -q -n 3 --dist loadfile tests
+	$(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder tests
 
 demo: $(VENV)/.demo-installed
 	$(PY) examples/demo.py

@@ -27,6 +27,19 @@ TWO_STAGES = dict(embed_dims=(8, 16), depths=(1, 2), num_heads=(1, 2), mlp_ratio
                   sr_ratios=(8, 2), window_sizes=(7, 7))
 
 
+# The files that take longest, in the order they start. Under `--dist loadfile`
+# each worker takes whole files, and xdist's default order (by number of
+# tests) left files of few long tests (the demo, segmentation) to end the run
+# alone on one core; the Makefile turns that order off.
+SLOWEST_FIRST = ("test_export.py", "test_training.py", "test_segmentation.py",
+                 "test_model.py", "test_parity.py", "test_demo.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_FIRST)))
+
+
 def write_oversized_png(path, side=20000):
     """A small PNG file whose header claims side x side pixels, beyond Pillow's limit."""
     import struct
