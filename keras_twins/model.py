@@ -148,6 +148,10 @@ def Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios,
     return model
 
 
+# `shuffle`'s index in `fit`'s arguments after `x` and `y`.
+_SHUFFLE_POSITION = 6
+
+
 class ImageModel(keras.Model):
     """A functional model of images that refuses a batch it cannot take in one line.
 
@@ -163,7 +167,14 @@ class ImageModel(keras.Model):
         return super().__call__(*args, **kwargs)
 
     def fit(self, x=None, y=None, *args, **kwargs):
+        import tensorflow as tf
+
         _check_data(self, x)
+        shuffle_given = len(args) > _SHUFFLE_POSITION or "shuffle" in kwargs
+        if isinstance(x, tf.data.Dataset) and not shuffle_given:
+            # A pipeline shuffles itself and Keras ignores `shuffle` for it; since
+            # Keras 3.15 its default (True) warned so on every `fit(dataset)`.
+            kwargs["shuffle"] = False
         _build_before_tracing(self, x, y)
         with _step_errors_named(self):
             return super().fit(x, y, *args, **kwargs)

@@ -348,7 +348,12 @@ def test_fit_and_evaluate_trace_their_step_once(data):
                       metrics=["accuracy"])
         counted(model, "train_step")
         counted(model, "test_step")
-        getattr(model, run)(**kwargs, verbose=0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            getattr(model, run)(**kwargs, verbose=0)
+        # Keras' default `shuffle=True` does not warn that a pipeline ignores it.
+        about_shuffle = [str(w.message) for w in caught if "shuffle" in str(w.message)]
+        assert not about_shuffle, about_shuffle
     # fit traced its training step once; evaluate, on a fresh model, its test step.
     assert traces == {"train_step": 1, "test_step": 1}
 
