@@ -59,6 +59,11 @@ def test_attention_uses_only_reshape_transpose_matmul_softmax(layer):
         "StopGradient", "Cast", "Tensordot", "RealDiv", "Sqrt", "Maximum", "Neg", "Squeeze",
     }
     assert not others, others
+    # The attention scale multiplies the query projection's kernel and bias,
+    # not the queries: no product over tokens outside the sub-sampling norm.
+    scaled = [op.outputs[0].shape for op in graph.get_operations()
+              if op.type == "Mul" and "_norm" not in op.name]
+    assert scaled and all(shape.rank <= 2 for shape in scaled), scaled
 
 
 @pytest.mark.parametrize("layer", [

@@ -101,7 +101,8 @@ class MultiHeadAttentionCore(keras.layers.Layer):
         """softmax(q k^T / sqrt(head_dim)) v over token sequences.
 
         Args:
-            query: `(batch, n_query, dim)`.
+            query: `(batch, n_query, dim)`, times `self.scale` (folded into
+                the projection that makes it; `tokens.dense_2d`).
             key, value: `(batch, n_key, dim)`.
 
         Returns:
@@ -119,14 +120,14 @@ class MultiHeadAttentionCore(keras.layers.Layer):
         """softmax(q k^T / sqrt(head_dim)) v, one head per batch entry.
 
         Args:
-            query: `(..., n_query, head_dim)`.
+            query: `(..., n_query, head_dim)`, times `self.scale`.
             transposed_key: `(..., head_dim, n_key)`.
             value: `(..., n_key, head_dim)`.
 
         Returns:
             `(..., n_query, head_dim)`.
         """
-        scores = _matmul(query * self.scale, transposed_key)
+        scores = _matmul(query, transposed_key)
         if transposed_key.shape[-1] == 1:
             # One key (GSA on a map smaller than its sub-sampling window):
             # the softmax is exactly 1, so skip it and Keras' warning about it.

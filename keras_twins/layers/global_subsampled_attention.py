@@ -66,7 +66,7 @@ class GlobalSubsampledAttention(MultiHeadAttentionCore):
         if self.sr_ratio > 1:
             summary = self.subsample_norm(self.subsample(inputs))
         _, summary_height, summary_width, _ = ops.shape(summary)
-        query = ops.reshape(dense_over_tokens(self.query, inputs),
+        query = ops.reshape(dense_over_tokens(self.query, inputs, scale=self.scale),
                             (-1, height * width, self.dim))
         key_value = ops.reshape(dense_over_tokens(self.key_value, summary),
                                 (-1, summary_height * summary_width, 2 * self.dim))

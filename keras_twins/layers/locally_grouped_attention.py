@@ -1,4 +1,5 @@
 import keras
+import numpy as np
 from keras import ops
 
 from keras_twins.checks import require_positive_integers
@@ -56,7 +57,10 @@ class LocallyGroupedSelfAttention(MultiHeadAttentionCore):
         # Splitting along that first axis then copies nothing, where a split
         # over channels and a transpose per tensor each copied q, k and v.
         heads, head_dim = self.num_heads, self.head_dim
-        x = ops.reshape(dense_over_tokens(self.qkv, x), (-1, ws, cols, ws, 3 * heads, head_dim))
+        # The attention scale goes into the query's third of the projection.
+        query_scale = np.repeat([self.scale, 1.0, 1.0], self.dim)
+        x = dense_over_tokens(self.qkv, x, scale=query_scale)
+        x = ops.reshape(x, (-1, ws, cols, ws, 3 * heads, head_dim))
         x = ops.reshape(ops.transpose(x, (4, 0, 2, 1, 3, 5)), (3, -1, ws * ws, head_dim))
         query, key, value = (ops.squeeze(t, 0) for t in ops.split(x, 3, axis=0))
         x = self._attend_heads(query, ops.swapaxes(key, 1, 2), value, training=training)

@@ -2,7 +2,7 @@ import keras
 from keras import ops
 
 
-def dense_over_tokens(layer, tokens):
+def dense_over_tokens(layer, tokens, scale=None):
     """Applies a Dense layer to `(..., channels)` tokens as one 2-D matmul.
 
     Keras' Dense on a rank-3 or rank-4 input becomes a broadcast batch matmul
@@ -12,17 +12,33 @@ def dense_over_tokens(layer, tokens):
     Same weights, same arithmetic per token.
 
     Static dims stay static, so exported graphs keep fixed shapes.
+
+    `scale` (a number, or one per output channel) multiplies the outputs; see
+    `dense_2d`.
     """
     shape = ops.shape(tokens)
-    outputs = dense_2d(layer, ops.reshape(tokens, (-1, shape[-1])))
+    outputs = dense_2d(layer, ops.reshape(tokens, (-1, shape[-1])), scale)
     return ops.reshape(outputs, (-1, *shape[1:-1], layer.units))
 
 
-def dense_2d(layer, x):
-    """`layer(x)` for a 2-D `x`, as MatMul + BiasAdd where that is the same."""
+def dense_2d(layer, x, scale=None):
+    """`layer(x)` for a 2-D `x`, as MatMul + BiasAdd where that is the same.
+
+    `scale` (a number, or one per output channel) multiplies the outputs. It
+    is folded into the kernel and bias, which are smaller than the outputs
+    (queries at a stage of many tokens), and which a TFLite file holds as
+    constants, products included.
+    """
     if _plain_tensorflow_dense(layer):
-        return _matmul_bias_add(x, layer.kernel, layer.bias)
-    return layer(x)
+        kernel, bias = layer.kernel, layer.bias
+        if scale is not None:
+            # As tensors: under mixed precision, of the compute dtype.
+            kernel, bias = ops.convert_to_tensor(kernel), ops.convert_to_tensor(bias)
+            scale = ops.cast(scale, kernel.dtype)
+            kernel, bias = kernel * scale, bias * scale
+        return _matmul_bias_add(x, kernel, bias)
+    outputs = layer(x)
+    return outputs if scale is None else outputs * ops.cast(scale, outputs.dtype)
 
 
 def _plain_tensorflow_dense(layer):
