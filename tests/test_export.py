@@ -172,9 +172,36 @@ def test_saved_model_serving_signature_matches(case):
 
     model, size, images, expected, directory = case
     path = export(model, directory / "saved_model", format="saved_model", image_size=size)
-    serving = tf.saved_model.load(str(path)).signatures["serving_default"]
-    (output,) = serving(images=tf.constant(images)).values()
+    loaded = tf.saved_model.load(str(path))
+    (output,) = loaded.signatures["serving_default"](images=tf.constant(images)).values()
     assert np.abs(output.numpy() - expected).max() <= 1e-5
+    # As Keras' export has them: the endpoint as an attribute, and the weights.
+    assert np.abs(loaded.serving_default(images).numpy() - expected).max() <= 1e-5
+    assert len(loaded.trainable_variables) == len(model.trainable_weights)
+    assert loaded.non_trainable_variables == []
+    assert (sorted(float(np.sum(v.numpy())) for v in loaded.variables)
+            == sorted(float(np.sum(w.numpy())) for w in model.trainable_weights))
+
+
+def test_each_export_traces_the_model_once(calibration_images, tmp_path):
+    """Keras' ExportArchive traced it three times: an SVT-S SavedModel took
+    14-19 s to write instead of 4-5 s, a float32 TFLite file 32 s instead of 16."""
+    traces = []
+
+    class Traced(keras.layers.Layer):
+        def call(self, x):
+            traces.append(x.shape)
+            return x
+
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.GlobalAveragePooling2D()(Traced()(keras.layers.Rescaling(1 / 255)(inputs)))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="head")(x))
+    for name, kwargs in [("saved", dict(format="saved_model")), ("f.tflite", {}),
+                         ("i.tflite", dict(quantize="int8",
+                                           representative_data=calibration_images))]:
+        traces.clear()
+        export(model, tmp_path / name, **kwargs)
+        assert traces == [(1, 32, 32, 3)], (name, traces)
 
 
 def test_saved_model_and_onnx_take_any_batch_with_batch_size_none(tmp_path):
