@@ -2,7 +2,8 @@
 
     python examples/segmentation.py [--data tfds:oxford_iiit_pet | synthetic]
         [--model twins_svt_small] [--weights imagenet|PATH|none]
-        [--image-size 256 320] [--epochs 10] [--batch-size 8] [--output build/segmentation]
+        [--image-size 256 320] [--epochs 10] [--steps-per-epoch N] [--batch-size 8]
+        [--output build/segmentation]
 
 With `tfds:oxford_iiit_pet` (downloaded by tensorflow-datasets on first use)
 the classes are background and pet, and the trimap's border pixels are
@@ -43,11 +44,15 @@ def main(argv=None):
     parser.add_argument("--image-size", type=int, nargs=2, default=[256, 320],
                         metavar=("H", "W"))
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--steps-per-epoch", type=int, default=None,
+                        help="training batches per epoch (default: the whole training set)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--output", default=os.path.join("build", "segmentation"))
     args = parser.parse_args(argv)
     size = tuple(args.image_size)
+    if args.steps_per_epoch is not None and args.steps_per_epoch < 1:
+        parser.error(f"--steps-per-epoch must be at least 1. Received: {args.steps_per_epoch}")
 
     try:
         train, validation, num_classes = _data(args.data, size, args.batch_size)
@@ -59,7 +64,8 @@ def main(argv=None):
     model = segmentation.SemanticFPN(backbone, num_classes)
     segmentation.compile_for_segmentation(
         model, keras.optimizers.AdamW(args.learning_rate, weight_decay=1e-4))
-    model.fit(train, validation_data=validation, epochs=args.epochs, verbose=2)
+    model.fit(train.repeat() if args.steps_per_epoch else train, validation_data=validation,
+              epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, verbose=2)
 
     os.makedirs(args.output, exist_ok=True)
     model.save(os.path.join(args.output, "model.keras"))

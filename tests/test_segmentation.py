@@ -1,5 +1,7 @@
 """SemanticFPN: shapes at any size, training to mean IoU >= 0.8, builtin-only TFLite."""
 
+import re
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -114,10 +116,12 @@ def test_example_fine_tunes_and_draws_offline(tmp_path):
     output = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, str(example), "--data", "synthetic", "--weights", "none",
-         "--image-size", "64", "96", "--epochs", "1", "--batch-size", "16",
+         "--image-size", "64", "96", "--epochs", "1", "--steps-per-epoch", "3",
+         "--batch-size", "16",
          "--output", str(output)],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"^3/3 ", result.stdout, re.MULTILINE), result.stdout
     assert (output / "model.keras").stat().st_size > 1_000_000
     from PIL import Image
 
