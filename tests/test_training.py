@@ -179,18 +179,18 @@ def test_cli_trains_a_compact_twins_on_the_digits_to_95_percent(tmp_path, capfd)
     output = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "-m", "keras_twins", "train", "--data", data, "--model", str(config),
-         "--image-size", "32", "--epochs", "8", "--batch-size", "32", "--augment", "none",
+         "--image-size", "32", "--epochs", "6", "--batch-size", "32", "--augment", "none",
          "--learning-rate", "1e-3", "--warmup-epochs", "1", "--drop-path-rate", "0",
          "--output", str(output), "--cpu-streams"], capture_output=True, text=True,
         timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     assert re.search(r"each batch as \d+ CPU streams", result.stdout), result.stdout
     rows = read_rows(output / "history.csv")
-    assert len(rows) == 8
+    assert len(rows) == 6
     best = max(float(row["val_accuracy"]) for row in rows)
     with capfd.disabled():
         print(f"\ndigits: validation accuracy {float(rows[-1]['val_accuracy']):.4f} "
-              f"(best {best:.4f}) after 8 epochs")
+              f"(best {best:.4f}) after 6 epochs")
     assert float(rows[-1]["val_accuracy"]) >= 0.95
     for name in ("model.keras", "training.png", "labels.txt", "run.json",
                  "checkpoints/best.keras", "checkpoints/last.keras"):
