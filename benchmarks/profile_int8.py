@@ -69,7 +69,7 @@ def main():
                 forward = tf.function(export._forward(model, "probabilities"),
                                       input_signature=[spec], autograph=False)
                 with products_as_fully_connected(unrolled):
-                    export._write_saved_model(model, forward, spec, saved_model)
+                    export._write_saved_model(forward, spec, saved_model)
             converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
             path = os.path.join(folder, f"{len(runs)}.tflite")
             with open(path, "wb") as f:

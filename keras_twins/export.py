@@ -140,9 +140,9 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
     labels = "\n".join(_checked_labels(model, labels)) + "\n"
     with replacing(path) as staging:
         if format == "saved_model":
-            _write_saved_model(model, function, spec, staging)
+            _write_saved_model(function, spec, staging)
         elif format == "tflite":
-            content = _tflite(function, model, quantize, representative_data, spec)
+            content = _tflite(function, quantize, representative_data, spec)
             contract = dict(INPUT_CONTRACT, shape=list(spec.shape), output=output)
             content = _packaged(content, {
                 "labels.txt": labels.encode(),
@@ -332,7 +332,7 @@ def _check_replaceable(path, format):
                           "choose a new or empty folder")
 
 
-def _write_saved_model(model, function, spec, path):
+def _write_saved_model(function, spec, path):
     """Writes `function`'s one trace as the `serving_default` signature and attribute.
 
     Not through `keras.export.ExportArchive`: it traced the model three
@@ -350,12 +350,12 @@ def _write_saved_model(model, function, spec, path):
     tf.saved_model.save(root, path, signatures={"serving_default": serving})
 
 
-def _tflite(function, model, quantize, representative_data, spec):
+def _tflite(function, quantize, representative_data, spec):
     # Through a SavedModel, as Keras' own LiteRT export does: converting the
     # concrete function directly left variables unfrozen (READ_VARIABLE ops).
     with tempfile.TemporaryDirectory() as saved_model:
         with products_as_fully_connected(quantize == "int8"):
-            _write_saved_model(model, function, spec, saved_model)
+            _write_saved_model(function, spec, saved_model)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
         calibration = None
         if quantize.startswith("int8"):
@@ -461,7 +461,8 @@ def _write_onnx(function, spec, path):
                 graph = convert()
             except Exception:  # tf2onnx raises many types
                 graph = None
-        graph = graph or convert()
+        if graph is None:
+            graph = convert()
     except Exception as error:
         raise ExportError(f"ONNX conversion failed: {' '.join(str(error).split())}") from None
     # Any batch: named, as timm's export names it, where tf2onnx wrote "unk__800".
