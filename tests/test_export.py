@@ -21,6 +21,7 @@ from conftest import TWO_STAGES
 from conftest import run_cli
 from conftest import write_oversized_png
 from keras_twins.export import FLOAT_IN_MIXED_INT8
+from keras_twins.export import LabelsWarning
 from keras_twins.export import ExportError
 from keras_twins.export import SkippedImagesWarning
 from keras_twins.export import class_names
@@ -374,7 +375,8 @@ def test_class_names_come_from_the_training_run_of_a_keras_file(tmp_path):
     assert class_names(model, run / "other" / "m.keras") == ["class_0", "class_1", "class_2"]
     # A labels.txt of another run (another class count) is not used.
     (run / "labels.txt").write_text("ant\nbee\n")
-    assert class_names(model, run / "model.keras") == ["class_0", "class_1", "class_2"]
+    with pytest.warns(LabelsWarning, match="2 names for 3 outputs"):
+        assert class_names(model, run / "model.keras") == ["class_0", "class_1", "class_2"]
     imagenet = keras_twins.Twins(**TINY)
     assert class_names(imagenet)[:2] == [name for _, name in imagenet_classes()[:2]]
 
