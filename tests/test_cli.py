@@ -258,3 +258,29 @@ def test_convert_help_is_the_converters_under_the_commands_name(flag, capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: keras-twins convert") and "--variant" in out, out
+
+
+CRASH_WHILE_QUIET = """
+import os
+from weights_convert.console import quiet_library_chatter
+
+with quiet_library_chatter():
+    os.write(2, b"F0000 native: Check failed\\n")
+    os.abort()
+"""
+
+
+@pytest.mark.parametrize("log_level", [None, "0"])
+def test_a_native_crash_while_the_command_silences_stderr_is_reported(log_level):
+    """The commands send descriptor 2 to the null device (TensorFlow's start-up
+    chatter); a native abort meanwhile ended the process without a word."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    if log_level is not None:
+        env["TF_CPP_MIN_LOG_LEVEL"] = log_level
+    result = subprocess.run([sys.executable, "-c", CRASH_WHILE_QUIET], capture_output=True,
+                            text=True, timeout=60, env=env)
+    assert result.returncode != 0
+    assert "Fatal Python error: Aborted" in result.stderr, result.stderr
+    assert 'File "<string>", line 7' in result.stderr, result.stderr
+    # All of TensorFlow's messages asked for: the native one shows too.
+    assert ("native: Check failed" in result.stderr) == (log_level == "0"), result.stderr

@@ -2,6 +2,7 @@
 
 import argparse
 import contextlib
+import faulthandler
 import os
 import sys
 import warnings
@@ -24,14 +25,26 @@ def native_stderr_silenced():
 
     Yields a duplicate of the real descriptor 2. `sys.stderr` is left as it
     is, so it writes to the null device too until the context ends.
+
+    A fatal signal meanwhile (a native abort or crash) still shows: Python's
+    faulthandler writes "Fatal Python error" and the Python stack to the real
+    descriptor, where the process would otherwise end without a word.
+    `TF_CPP_MIN_LOG_LEVEL=0` in the environment (all of TensorFlow's
+    messages) leaves descriptor 2 as it is, which shows the native message too.
     """
     sys.stderr.flush()
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") != "0":
+        os.dup2(devnull, 2)
+    reporting_faults = not faulthandler.is_enabled()
+    if reporting_faults:
+        faulthandler.enable(saved, all_threads=False)
     try:
         yield saved
     finally:
+        if reporting_faults:
+            faulthandler.disable()
         sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
