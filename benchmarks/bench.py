@@ -49,7 +49,7 @@ SIZE = 224
 PAUSE = 0.5  # seconds of idle machine before each timed call
 # Processes per framework for peak memory, alternating; the median is reported.
 # timm's peak moved by 200 MB between identical processes (SVT-B: 1295 to
-# 1512 MB), keras_twins' by 15.
+# 1512 MB), keras_twins' by up to 35.
 MEMORY_RUNS = 3
 # glibc malloc, told to keep what is freed. By default it hands large blocks
 # back to the system after each call and faults them in again on the next: a

@@ -21,8 +21,8 @@ from conftest import TWO_STAGES
 from conftest import run_cli
 from conftest import write_oversized_png
 from keras_twins.export import FLOAT_IN_MIXED_INT8
-from keras_twins.export import LabelsWarning
 from keras_twins.export import ExportError
+from keras_twins.export import LabelsWarning
 from keras_twins.export import SkippedImagesWarning
 from keras_twins.export import class_names
 from keras_twins.export import export
