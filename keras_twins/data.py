@@ -488,10 +488,10 @@ def _mixer(policy, seed):
             use_cutmix = tf.random.uniform([], seed=seed) < policy.mix_switch_prob
             mixed = tf.cond(use_cutmix, lambda: cutmix(data, training=True),
                             lambda: mixup(data, training=True))
-        return mixed["images"], mixed["labels"]
+        # lam * 255 + (1 - lam) * 255 rounds to 255.00002 now and then.
+        return tf.clip_by_value(mixed["images"], 0.0, 255.0), mixed["labels"]
 
     return mix
-
 
 
 def write_digits_folder(root, image_size=32, validation_fraction=0.2, seed=0):

@@ -35,6 +35,19 @@ def test_training_pipeline_shapes_labels_and_mixing(tmp_path):
         assert pipeline.options().autotune.initial_parallelism == len(os.sched_getaffinity(0))
 
 
+def test_mixed_images_stay_in_the_pixel_range():
+    """MixUp blends two white pixels into 255.00002 by rounding, out of the
+    [0, 255] that training_pipeline promises (a fresh-clone run caught it)."""
+    import tensorflow as tf
+
+    mix = data_lib._mixer(data_lib.Augmentation.named("imagenet"), seed=3)
+    images = tf.fill([64, 8, 8, 3], 255.0)
+    labels = tf.one_hot(tf.range(64) % 3, 3)
+    for _ in range(5):
+        mixed, _ = mix(images, labels)
+        assert float(tf.reduce_max(mixed)) <= 255.0
+
+
 def test_corrupt_images_are_skipped_and_counted(tmp_path, capfd):
     data = image_folder(tmp_path / "data", per_class=4)
     (data / "train" / "circle" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
