@@ -27,6 +27,8 @@ def main(settings_path):
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * logical_cpus)
     strategy = settings.pop("strategy", "auto")
+    if strategy == "multi_worker":
+        patient_coordination_service()
     if isinstance(strategy, dict):
         strategy = tf.distribute.MirroredStrategy(strategy["mirrored"])
     weights_out = settings.pop("weights_out")
@@ -38,6 +40,27 @@ def main(settings_path):
     print(json.dumps({"replicas": result.model.distribute_strategy.num_replicas_in_sync,
                       "epochs": len(result.history["loss"]),
                       "loss": result.history["loss"]}))
+
+
+def patient_coordination_service():
+    """What MultiWorkerMirroredStrategy configures, with a 5-minute heartbeat
+    timeout instead of TensorFlow's 10 s: on a loaded 2-core CI host a worker
+    went unheard that long and the collectives aborted ("heartbeat timeout")."""
+    from tensorflow.python.distribute import multi_worker_util
+    # The protobuf module moves between TensorFlow versions; take the strategy's.
+    from tensorflow.python.distribute.collective_all_reduce_strategy import (
+        coordination_config_pb2)
+    from tensorflow.python.distribute.cluster_resolver import TFConfigClusterResolver
+    from tensorflow.python.eager import context
+
+    cluster = TFConfigClusterResolver().cluster_spec()
+    context.context().configure_coordination_service(
+        service_type="standalone",
+        service_leader=multi_worker_util.coordination_leader(cluster),
+        heartbeat_timeout_in_ms=300_000,
+        coordinated_jobs=[coordination_config_pb2.CoordinatedJob(
+            name=job, num_tasks=cluster.num_tasks(job))
+            for job in ("chief", "worker") if job in cluster.jobs])
 
 
 if __name__ == "__main__":
