@@ -110,6 +110,26 @@ def check_same_classes(train, validation, validation_name):
         )
 
 
+def check_every_class_has_images(split, split_name):
+    """Refuses a split of image folders in which a class has no readable image.
+
+    Keras' `image_dataset_from_directory` keeps such a class without a word,
+    and the model then trains an output that no example ever asks for.
+    """
+    if split.labels is None:  # tensorflow-datasets: its classes are its own
+        return
+    counts = np.bincount(split.labels.numpy(), minlength=len(split.class_names))
+    empty = [name for name, count in zip(split.class_names, counts) if not count]
+    if empty:
+        listed = ", ".join(f"'{name}'" for name in empty)
+        listed = listed if len(listed) <= 200 else listed[:200] + "..."
+        raise DataError(
+            f"the {split_name} split's class folder {listed} holds no readable image; "
+            "add images or remove the folder" if len(empty) == 1 else
+            f"the {split_name} split's class folders {listed} hold no readable image; "
+            "add images or remove the folders")
+
+
 # --- image folders -------------------------------------------------------
 
 

@@ -543,6 +543,7 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
                     label_smoothing=label_smoothing, seed=seed,
                     mixed_precision=mixed_precision)
     train_split = data_lib.load_split(data, "train", data_dir, manual_dir)
+    data_lib.check_every_class_has_images(train_split, "train")
     if validation_split == "auto":
         validation_split = data_lib.default_validation_split(data, data_dir, manual_dir)
     validation = None

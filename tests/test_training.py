@@ -624,6 +624,9 @@ def test_a_json_architecture_may_repeat_what_train_sets_not_change_it(tmp_path):
 @pytest.mark.parametrize("damage, message", [
     ("empty", "no images found"),
     ("classes", "classes differ"),
+    # Keras' image_dataset_from_directory trains a class of no images silently.
+    ("empty_class", "the train split's class folder 'star' holds no readable image; "
+                    "add images or remove the folder"),
     ("tfds", "unknown tensorflow-datasets name 'no_such_dataset'"),
     ("missing", "no such folder"),
 ])
@@ -634,6 +637,11 @@ def test_bad_data_gives_one_line_errors(damage, message, tmp_path, capfd):
     elif damage == "classes":
         image_folder(data, splits=("train",))
         image_folder(data, classes=("circle", "triangle"), splits=("validation",))
+    elif damage == "empty_class":
+        image_folder(data, per_class=2)
+        (data / "train" / "star").mkdir()
+        (data / "train" / "star" / "broken.png").write_bytes(b"\x89PNG not really")
+        (data / "validation" / "star").mkdir()
     elif damage == "tfds":
         data = "tfds:no_such_dataset"
     code, _, err = cli_train(capfd, data, tmp_path / "run")
