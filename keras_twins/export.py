@@ -239,9 +239,13 @@ def _check_choice(name, value, choices):
 
 
 def _check_representative_data(folder):
-    if folder is None or not os.path.isdir(folder):
+    if folder is None:
         raise ExportError("int8 quantization needs `representative_data`, a folder of "
-                          f"images. Received: {folder!r}")
+                          "images. Received: None")
+    if not os.path.isdir(folder):
+        problem = "not a folder" if os.path.exists(folder) else "no such folder"
+        raise ExportError(f"{os.fspath(folder)}: {problem}; int8 quantization's "
+                          "`representative_data` is a folder of images")
     if not _image_files(folder):
         raise ExportError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in the "
                           "representative-data folder")

@@ -339,7 +339,9 @@ def test_a_size_below_the_models_smallest_is_refused_before_converting(tmp_path)
 @pytest.mark.parametrize("kwargs, message", [
     (dict(format="coreml"), "Received: format='coreml'"),
     (dict(quantize="int4"), "Received: quantize='int4'"),
-    (dict(quantize="int8", representative_data="/no/such/folder"), "/no/such/folder"),
+    (dict(quantize="int8", representative_data="/no/such/folder"),
+     "/no/such/folder: no such folder"),
+    (dict(quantize="int8", representative_data=__file__), f"{__file__}: not a folder"),
     (dict(format="onnx", quantize="float16"), "TFLite only"),
     (dict(image_size=(16, 224)), "at least 32x32"),
     (dict(batch_size=0), "batch_size=0"),
