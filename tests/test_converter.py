@@ -66,6 +66,13 @@ def _damaged(kind, state_dict, random_reference, directory):
         path = directory / "shape.pth"
         torch.save({k: torch.from_numpy(v) for k, v in damaged.items()}, path)
         return path, "[256, 255]"
+    if kind == "not_finite":
+        weight = state_dict["blocks.1.0.mlp.fc2.weight"].copy()
+        weight[0, :2] = [np.nan, np.inf]
+        path = directory / "diverged.safetensors"
+        safetensors.numpy.save_file({**state_dict, "blocks.1.0.mlp.fc2.weight": weight},
+                                    str(path))
+        return path, "'blocks.1.0.mlp.fc2.weight' holds 2 non-finite values"
     if kind in ("truncated_safetensors", "truncated_pth"):
         suffix = "safetensors" if kind == "truncated_safetensors" else "pth"
         data = (source / f"model.{suffix}").read_bytes()
@@ -84,7 +91,8 @@ def _damaged(kind, state_dict, random_reference, directory):
 
 
 @pytest.mark.parametrize("kind", [
-    "missing_key", "half_a_head", "unexpected_key", "shape_mismatch", "truncated_safetensors",
+    "missing_key", "half_a_head", "unexpected_key", "shape_mismatch", "not_finite",
+    "truncated_safetensors",
     "truncated_pth", "not_a_checkpoint_pth", "not_a_checkpoint_safetensors",
 ])
 def test_damaged_checkpoint_is_refused_with_one_line_and_no_output(

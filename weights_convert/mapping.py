@@ -95,6 +95,13 @@ def assign_state_dict(model, state_dict, source, include_top=True):
                 f"{source}: shape mismatch for {key!r}: checkpoint has "
                 f"{list(tensor.shape)}, {model.name} expects {expected_shape}"
             )
+        bad = np.size(tensor) - np.count_nonzero(np.isfinite(tensor))
+        if bad:
+            raise ConversionError(
+                f"{source}: {key!r} holds {bad} non-finite value{'s' if bad > 1 else ''} "
+                "(NaN or infinity): a damaged checkpoint, or one saved after training "
+                "diverged"
+            )
         arrays.append((variable, np.transpose(tensor, permutation)))
     for variable, array in arrays:
         variable.assign(array)
