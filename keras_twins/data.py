@@ -120,14 +120,14 @@ def check_every_class_has_images(split, split_name):
         return
     counts = np.bincount(split.labels.numpy(), minlength=len(split.class_names))
     empty = [name for name, count in zip(split.class_names, counts) if not count]
+    if len(empty) == 1:
+        raise DataError(f"the {split_name} split's class folder '{empty[0]}' holds no "
+                        "readable image; add images or remove the folder")
     if empty:
         listed = ", ".join(f"'{name}'" for name in empty)
         listed = listed if len(listed) <= 200 else listed[:200] + "..."
-        raise DataError(
-            f"the {split_name} split's class folder {listed} holds no readable image; "
-            "add images or remove the folder" if len(empty) == 1 else
-            f"the {split_name} split's class folders {listed} hold no readable image; "
-            "add images or remove the folders")
+        raise DataError(f"the {split_name} split's class folders {listed} hold no "
+                        "readable image; add images or remove the folders")
 
 
 # --- image folders -------------------------------------------------------
