@@ -27,6 +27,7 @@ import numbers
 import os
 import shutil
 import tempfile
+import zipfile
 
 import keras
 import tensorflow as tf
@@ -323,6 +324,10 @@ def _check_recipe(**settings):
 def load_keras_model(path):
     """`keras.models.load_model` without compiling; a bad file, or a model that
     takes no RGB images, is one TrainingError line."""
+    if os.fspath(path).endswith(".keras") and not zipfile.is_zipfile(path):
+        # Keras says "File not found" of a file that is there.
+        raise TrainingError(f"{path}: not a loadable Keras model (not a zip archive, as a "
+                            ".keras file is: damaged, cut short, or another format)")
     try:
         model = keras.models.load_model(path, compile=False)
     except Exception as error:  # Keras raises several types for a bad file.

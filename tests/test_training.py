@@ -512,8 +512,15 @@ def test_bad_settings_and_model_files_give_one_line_errors(tmp_path, capfd):
     code, _, err = run_cli(capfd, "evaluate", "--data", data, "--model-file",
                            tmp_path / "missing.keras", "--batch-size", "0")
     assert code == 1 and "Received: batch_size=0" in err, err  # a TensorFlow traceback before
+    keras_twins.Twins(**TINY, input_shape=(32, 32, 3), classes=2).save(tmp_path / "whole.keras")
+    whole = (tmp_path / "whole.keras").read_bytes()
+    (tmp_path / "cut.keras").write_bytes(whole[:len(whole) // 2])
+    capfd.readouterr()  # TensorFlow's start-up log, when this test runs first
     for model_file, message in [(tmp_path / "missing.keras", "no such model file"),
-                                (tmp_path / "broken.keras", "not a loadable Keras model")]:
+                                (tmp_path / "broken.keras", "not a loadable Keras model"),
+                                # Keras' reason was "File not found".
+                                (tmp_path / "cut.keras", "cut.keras: not a loadable Keras "
+                                                         "model (not a zip archive")]:
         code, _, err = run_cli(capfd, "evaluate", "--data", data, "--model-file", model_file)
         assert code == 1 and err.strip().splitlines() == [err.strip()], err
         assert message in err, err
