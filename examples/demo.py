@@ -74,11 +74,13 @@ def main(argv=None):
         labels.append(np.argmax(batch_labels.numpy(), axis=-1))
     images, labels = np.concatenate(images), np.concatenate(labels)
 
-    float32 = export(model, os.path.join(args.output, "digits_float32.tflite"))
+    names = result.class_names
+    float32 = export(model, os.path.join(args.output, "digits_float32.tflite"), labels=names)
     int8 = export(model, os.path.join(args.output, "digits_int8.tflite"), quantize="int8",
-                  representative_data=os.path.join(digits, "train"))
+                  representative_data=os.path.join(digits, "train"), labels=names)
     mixed = export(model, os.path.join(args.output, "digits_int8_mixed.tflite"),
-                   quantize="int8-mixed", representative_data=os.path.join(digits, "train"))
+                   quantize="int8-mixed", representative_data=os.path.join(digits, "train"),
+                   labels=names)
 
     keras_predictions = np.argmax(model.predict(images, verbose=0), axis=-1)
     serve = tf.function(lambda x: model(x, training=False))  # as a SavedModel serves

@@ -48,7 +48,8 @@ def main():
     print(f"classes: {', '.join(result.class_names)}")
     if "val_accuracy" in result.history:
         print(f"validation top-1: {result.history['val_accuracy'][-1]:.4f}")
-    path = export(result.model, os.path.join(args.output, "model.tflite"))
+    path = export(result.model, os.path.join(args.output, "model.tflite"),
+                  labels=result.class_names)
     print(f"TFLite file for Android: {path} (labels.txt beside it)")
 
 

@@ -85,7 +85,8 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
             named `head` (a `SemanticFPN`) is exported with its own output.
         labels: the class names, one per output; default `class_names(model)`
             (ImageNet's names for 1000 classes, else `class_0`, ...). They go
-            into `labels.txt` beside the file and the TFLite metadata.
+            into `labels.txt` beside the file and the TFLite metadata. A
+            `labels.txt` there that names other classes is not replaced.
 
     Returns:
         The path written.
@@ -138,6 +139,8 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
     function = tf.function(forward, input_signature=[spec], autograph=False)
 
     labels = "\n".join(_checked_labels(model, labels)) + "\n"
+    labels_path = os.path.join(directory, "labels.txt")
+    _check_labels_file_free(labels_path, labels)
     with replacing(path) as staging:
         if format == "saved_model":
             _write_saved_model(function, spec, staging)
@@ -152,8 +155,26 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
                 f.write(content)
         else:
             _write_onnx(function, spec, staging)
-    write_text(os.path.join(directory, "labels.txt"), labels)
+    write_text(labels_path, labels)
     return path
+
+
+def _check_labels_file_free(labels_path, labels):
+    """Refuses to replace a `labels.txt` that names other classes.
+
+    It may be a training run's, whose model and commands read it, or an
+    earlier export's: either would then name the wrong classes.
+    """
+    if not os.path.lexists(labels_path):
+        return
+    existing = read_labels(labels_path)
+    if existing == labels.splitlines():
+        return
+    shown = "not readable UTF-8 text" if existing is None else (
+        f"{len(existing)} names: {', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}"
+    )[:120]
+    raise ExportError(f"{labels_path} names other classes ({shown}); an export writes its "
+                      "labels.txt beside the file: export into another folder, or remove it")
 
 
 def _computing_in_float32(model):

@@ -36,6 +36,8 @@ def test_demo_trains_exports_and_prints_its_table(tmp_path):
     assert (output / "run" / "training.png").stat().st_size > 10_000
     assert (output / "digits_int8.tflite").exists()
     assert (output / "digits_int8_mixed.tflite").exists()
+    # The exports' labels are the digits the run trained on, not class_0, ...
+    assert (output / "labels.txt").read_text().split() == [str(i) for i in range(10)]
 
     again = subprocess.run([sys.executable, str(DEMO), "--output", str(tmp_path)],
                            capture_output=True, text=True, timeout=300)

@@ -1,10 +1,13 @@
-"""The examples answer bad input with one line that names it, and write nothing."""
+"""The examples answer bad input with one line that names it, and write nothing;
+what finetune trains and exports names the same classes."""
 
 import pathlib
 import subprocess
 import sys
 
 import pytest
+
+from conftest import image_folder
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
@@ -30,3 +33,19 @@ def test_bad_input_is_one_line(argv, message, tmp_path):
     assert len(lines) == 1, result.stderr[-2000:]
     assert lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_finetune_exports_with_the_classes_it_trained_on(random_reference, tmp_path):
+    """It exported without them: class_0, class_1 went into the run's
+    labels.txt, and its model.keras then named the wrong classes."""
+    _, reference = random_reference("twins_svt_small")
+    data = image_folder(tmp_path / "data", classes=("circle", "square"), per_class=4)
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "finetune.py"), str(data), "--output", "run",
+         "--weights", str(reference / "model.safetensors"), "--epochs", "1",
+         "--batch-size", "4", "--image-size", "32"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "classes: circle, square" in result.stdout
+    assert (tmp_path / "run" / "labels.txt").read_text() == "circle\nsquare\n"
+    assert (tmp_path / "run" / "model.tflite").stat().st_size > 1_000_000

@@ -360,6 +360,23 @@ def test_bad_export_arguments_leave_no_file(kwargs, message, tmp_path):
         export(model, tmp_path / "missing" / "model.tflite")
 
 
+def test_a_labels_txt_of_other_classes_is_not_replaced(tmp_path):
+    """An export into a training run's folder replaced the run's labels.txt
+    with another model's names, and the run's model then named the wrong
+    classes."""
+    model = keras_twins.Twins(**TINY, classes=2, input_shape=(32, 32, 3))
+    (tmp_path / "labels.txt").write_text("cat\ndog\n")
+    with pytest.raises(ExportError, match=re.escape(
+            f"{tmp_path / 'labels.txt'} names other classes (2 names: cat, dog)")):
+        export(model, tmp_path / "model.tflite", labels=["ant", "bee"])
+    assert sorted(os.listdir(tmp_path)) == ["labels.txt"]
+    assert (tmp_path / "labels.txt").read_text() == "cat\ndog\n"
+    # The same names, as when a run's own model is exported into its folder.
+    export(model, tmp_path / "model.tflite", labels=["cat", "dog"])
+    export(model, tmp_path / "again.tflite", labels=["cat", "dog"])
+    assert (tmp_path / "labels.txt").read_text() == "cat\ndog\n"
+
+
 def test_class_names_come_from_the_training_run_of_a_keras_file(tmp_path):
     model = keras_twins.Twins(**TINY, classes=3)
     run = tmp_path / "run"
@@ -453,13 +470,17 @@ def test_cli_export_writes_a_file_and_reports(tmp_path, capfd):
                              "--batch-size", "any")
     assert code == 0, err
     assert "input Nx224x224x3" in out
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "labels.txt").write_text("cat\ndog\n")
     for bad, named in [(["--format", "coreml"], "coreml"),
                        (["--format", "tflite", "--quantize", "int8"], "representative_data"),
                        (["--format", "tflite", "--image-size", "16"], "at least 32x32"),
                        (["--format", "tflite", "--image-size", "64", "64", "3"], "H or H W"),
                        (["--format", "onnx", "--output", str(tmp_path)], "is a folder"),
                        (["--format", "tflite", "--batch-size", "all"], "a number or 'any'"),
-                       (["--format", "tflite", "--batch-size", "any"], "fixed batch")]:
+                       (["--format", "tflite", "--batch-size", "any"], "fixed batch"),
+                       (["--format", "onnx", "--output", str(tmp_path / "run" / "m.onnx")],
+                        "run/labels.txt names other classes (2 names: cat, dog)")]:
         code, out, err = run_cli(capfd, "export", "--model", config, "--weights", "none",
                                  "--output", tmp_path / "bad.tflite", *bad)
         assert code != 0
@@ -467,6 +488,7 @@ def test_cli_export_writes_a_file_and_reports(tmp_path, capfd):
         assert len(lines) == 1 and lines[0].startswith("error:") and named in lines[0], lines
         assert not (tmp_path / "bad.tflite").exists()
     assert config.exists() and output.exists()
+    assert os.listdir(tmp_path / "run") == ["labels.txt"]
 
 
 def test_probabilities_from_a_head_without_softmax(tmp_path):
