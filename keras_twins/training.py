@@ -582,6 +582,7 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
     if not chief:
         # Beside the chief's, not inside: each worker deletes its own at the end.
         backup_dir = f"{backup_dir}-worker_{strategy.cluster_resolver.task_id}"
+    _check_backup_dir(backup_dir, output)
 
     previous_policy = keras.config.dtype_policy()
     keras.utils.set_random_seed(seed)
@@ -823,6 +824,34 @@ def _check_output(output, settings, resume, epochs, class_names):
                                     "pass more --epochs to continue it")
             start = _Start(initial_epoch=done, weights_from=last)
     return start
+
+
+# What Keras' BackupAndRestore writes into its folder (with double_checkpoint).
+_BACKUP_FILES = ("latest.weights.h5", "training_metadata.json")
+
+
+def _check_backup_dir(backup_dir, output):
+    """Refuses a backup folder whose deletion would lose files.
+
+    Keras' BackupAndRestore deletes its whole folder when training ends: a
+    `--backup-dir` naming a folder of other files, or one holding the run's
+    output, lost them.
+    """
+    backup = os.path.realpath(backup_dir)
+    if os.path.commonpath([backup, os.path.realpath(output)]) == backup:
+        raise TrainingError(f"the backup folder {backup_dir} would hold the output "
+                            f"{output}, and it is deleted when training ends; choose "
+                            "a backup folder outside the output")
+    if os.path.lexists(backup_dir) and not os.path.isdir(backup_dir):
+        raise TrainingError(f"the backup folder {backup_dir} is a file; choose a new or "
+                            "empty folder")
+    if os.path.isdir(backup_dir):
+        others = sorted(name for name in os.listdir(backup_dir)
+                        if not name.startswith(_BACKUP_FILES))
+        if others:
+            raise TrainingError(f"the backup folder {backup_dir} holds other files "
+                                f"({', '.join(others[:3])[:200]}), and it is deleted when "
+                                "training ends; choose a new or empty folder")
 
 
 def _record_run(output, settings, class_names):

@@ -658,6 +658,24 @@ def test_bad_data_gives_one_line_errors(damage, message, tmp_path, capfd):
     assert not (tmp_path / "run").exists()  # a corrected command starts afresh
 
 
+def test_a_backup_folder_whose_deletion_would_lose_files_is_refused(tmp_path, capfd):
+    """Keras' BackupAndRestore deletes its folder when training ends: a
+    --backup-dir of the user's files, or one holding the output, lost them."""
+    data = image_folder(tmp_path / "data", per_class=4)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    for backup, message in [(mine, f"the backup folder {mine} holds other files (notes.txt)"),
+                            (mine / "notes.txt", "is a file"),
+                            (tmp_path, "would hold the output"),
+                            (tmp_path / "run", "would hold the output")]:
+        code, _, err = cli_train(capfd, data, tmp_path / "run", "--backup-dir", backup)
+        assert code == 1 and err.strip().splitlines() == [err.strip()], err
+        assert message in err, err
+        assert (mine / "notes.txt").read_text() == "mine"
+        assert not (tmp_path / "run").exists()
+
+
 def test_an_output_folder_of_another_run_is_refused_unless_resumed(tmp_path, capfd):
     data = image_folder(tmp_path / "data", per_class=4)
     config = json_config(tmp_path)
