@@ -41,6 +41,18 @@ COMPACT_SVT = dict(embed_dims=(32, 64, 96, 128), depths=(1, 1, 2, 1), num_heads=
 IMAGE_SIZE = 32
 
 
+# What a demo run writes into its folder, which the next run replaces.
+DEMO_FILES = {"digits", "run", "labels.txt", "digits_float32.tflite", "digits_int8.tflite",
+              "digits_int8_mixed.tflite"}
+
+
+def is_demo_folder(path):
+    """A folder holding only what a demo run writes (and an interrupted write's
+    `.partial-*` folder): the only kind the demo deletes."""
+    return os.path.isdir(path) and not os.path.islink(path) and all(
+        name in DEMO_FILES or name.startswith(".partial-") for name in os.listdir(path))
+
+
 def main(argv=None):
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=os.path.join("build", "demo"),
@@ -50,7 +62,7 @@ def main(argv=None):
     if args.epochs < 1:
         parser.error(f"--epochs must be at least 1. Received: {args.epochs}")
 
-    if os.path.isdir(args.output) and not os.path.exists(os.path.join(args.output, "digits")):
+    if os.path.exists(args.output) and not is_demo_folder(args.output):
         sys.exit(f"error: {args.output} exists and is not a demo folder; choose another "
                  "--output")
     shutil.rmtree(args.output, ignore_errors=True)

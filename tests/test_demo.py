@@ -1,5 +1,7 @@
 """`make demo`'s job runs offline: train, export, evaluate, one table."""
 
+import importlib.util
+import os
 import pathlib
 import subprocess
 import sys
@@ -39,7 +41,18 @@ def test_demo_trains_exports_and_prints_its_table(tmp_path):
     # The exports' labels are the digits the run trained on, not class_0, ...
     assert (output / "labels.txt").read_text().split() == [str(i) for i in range(10)]
 
-    again = subprocess.run([sys.executable, str(DEMO), "--output", str(tmp_path)],
-                           capture_output=True, text=True, timeout=300)
-    assert again.returncode != 0 and "not a demo folder" in again.stderr
-    assert "Traceback" not in again.stderr
+    # The next run replaces this folder: it holds only what the demo writes.
+    spec = importlib.util.spec_from_file_location("demo", DEMO)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    assert demo.is_demo_folder(output), sorted(os.listdir(output))
+
+    # A folder of other files is never deleted, even one with a digits/ folder.
+    (tmp_path / "mine" / "digits").mkdir(parents=True)
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    for other in (tmp_path, tmp_path / "mine", tmp_path / "mine" / "notes.txt"):
+        again = subprocess.run([sys.executable, str(DEMO), "--output", str(other)],
+                               capture_output=True, text=True, timeout=300)
+        assert again.returncode != 0 and "not a demo folder" in again.stderr, again.stderr
+        assert "Traceback" not in again.stderr
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
