@@ -31,6 +31,21 @@ with quiet_library_chatter():
     import keras_twins
     from keras_twins import segmentation
     from keras_twins.cli import ArgumentParser
+    from keras_twins.training import save_model
+
+# What the example writes into its folder; a later run replaces these.
+OUTPUT_FILES = ("model.keras", "predictions.png")
+
+
+def is_output_folder(path):
+    """A folder holding only what this example writes (and an interrupted
+    write's leftovers), or none yet: the only kind it writes into."""
+    if not os.path.exists(path):
+        return True
+    return os.path.isdir(path) and all(
+        name in OUTPUT_FILES or name.startswith((".partial-", "predictions.png."))
+        for name in os.listdir(path))
+
 
 PALETTE = np.array([[0, 0, 0], [230, 80, 40], [40, 110, 230], [240, 220, 60]], np.uint8)
 
@@ -53,6 +68,10 @@ def main(argv=None):
     size = tuple(args.image_size)
     if args.steps_per_epoch is not None and args.steps_per_epoch < 1:
         parser.error(f"--steps-per-epoch must be at least 1. Received: {args.steps_per_epoch}")
+    if not is_output_folder(args.output):
+        # It may be a training run's, whose model.keras this would replace.
+        sys.exit(f"error: {args.output} holds other files than this example's "
+                 f"({', '.join(OUTPUT_FILES)}); choose another --output")
 
     try:
         train, validation, num_classes = _data(args.data, size, args.batch_size)
@@ -68,7 +87,7 @@ def main(argv=None):
               epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, verbose=2)
 
     os.makedirs(args.output, exist_ok=True)
-    model.save(os.path.join(args.output, "model.keras"))
+    save_model(model, os.path.join(args.output, "model.keras"))
     images, masks = next(iter(validation.unbatch().batch(4)))
     predictions = model.predict(images, verbose=0).argmax(-1)
     picture = os.path.join(args.output, "predictions.png")

@@ -132,3 +132,21 @@ def test_example_fine_tunes_and_draws_offline(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "error: --data must be" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+    # A later run replaces its own files, and never a training run's model.keras.
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location("segmentation_example", example)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.is_output_folder(output), sorted(os.listdir(output))
+    run = tmp_path / "classifier_run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    (run / "model.keras").write_bytes(b"the classifier")
+    refused = subprocess.run([sys.executable, str(example), "--data", "synthetic",
+                              "--output", str(run)], capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode != 0 and "holds other files" in refused.stderr, refused.stderr
+    assert (run / "model.keras").read_bytes() == b"the classifier"
