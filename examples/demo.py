@@ -32,6 +32,8 @@ with quiet_library_chatter():
     from keras_twins.cli import ArgumentParser
     from keras_twins.cli import format_table
     from keras_twins.export import export
+    from keras_twins.files import STAGING_PREFIX
+    from keras_twins.files import other_entries
     from keras_twins.training import train
 
 # A Twins-SVT of 0.5 M parameters: the SVT pattern (LSA and GSA blocks
@@ -49,8 +51,8 @@ DEMO_FILES = {"digits", "run", "labels.txt", "digits_float32.tflite", "digits_in
 def is_demo_folder(path):
     """A folder holding only what a demo run writes (and an interrupted write's
     `.partial-*` folder): the only kind the demo deletes."""
-    return os.path.isdir(path) and not os.path.islink(path) and all(
-        name in DEMO_FILES or name.startswith(".partial-") for name in os.listdir(path))
+    return os.path.isdir(path) and not os.path.islink(path) and not other_entries(
+        path, DEMO_FILES, [STAGING_PREFIX])
 
 
 def main(argv=None):

@@ -31,6 +31,8 @@ with quiet_library_chatter():
     import keras_twins
     from keras_twins import segmentation
     from keras_twins.cli import ArgumentParser
+    from keras_twins.files import STAGING_PREFIX
+    from keras_twins.files import other_entries
     from keras_twins.training import save_model
 
 # What the example writes into its folder; a later run replaces these.
@@ -42,9 +44,8 @@ def is_output_folder(path):
     write's leftovers), or none yet: the only kind it writes into."""
     if not os.path.exists(path):
         return True
-    return os.path.isdir(path) and all(
-        name in OUTPUT_FILES or name.startswith((".partial-", "predictions.png."))
-        for name in os.listdir(path))
+    return os.path.isdir(path) and not other_entries(
+        path, OUTPUT_FILES, [STAGING_PREFIX, "predictions.png."])
 
 
 PALETTE = np.array([[0, 0, 0], [230, 80, 40], [40, 110, 230], [240, 220, 60]], np.uint8)

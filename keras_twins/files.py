@@ -5,6 +5,9 @@ import os
 import shutil
 import tempfile
 
+# The prefix of `replacing`'s staging folder, left behind only by a killed process.
+STAGING_PREFIX = ".partial-"
+
 
 @contextlib.contextmanager
 def replacing(path):
@@ -18,7 +21,7 @@ def replacing(path):
     deleted only once the new one is in place.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    staging = tempfile.mkdtemp(prefix=".partial-", dir=directory)
+    staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory)
     target = os.path.join(staging, os.path.basename(os.path.normpath(path)) or "written")
     try:
         yield target
@@ -41,3 +44,10 @@ def write_text(path, text):
     with replacing(path) as temporary:
         with open(temporary, "w", encoding="utf-8") as f:
             f.write(text)
+
+
+def other_entries(folder, names=(), prefixes=()):
+    """The sorted entries of `folder` that are none of `names` and start with
+    none of `prefixes`: what deleting or filling the folder would lose."""
+    return sorted(name for name in os.listdir(folder)
+                  if name not in names and not name.startswith(tuple(prefixes)))

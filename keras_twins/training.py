@@ -37,6 +37,7 @@ from keras_twins import variants
 from keras_twins.checks import is_whole
 from keras_twins.export import read_labels
 from keras_twins.export import run_labels
+from keras_twins.files import other_entries
 from keras_twins.files import replacing
 from keras_twins.files import write_text
 from keras_twins.layers import PositionalEncodingGenerator
@@ -846,8 +847,7 @@ def _check_backup_dir(backup_dir, output):
         raise TrainingError(f"the backup folder {backup_dir} is a file; choose a new or "
                             "empty folder")
     if os.path.isdir(backup_dir):
-        others = sorted(name for name in os.listdir(backup_dir)
-                        if not name.startswith(_BACKUP_FILES))
+        others = other_entries(backup_dir, prefixes=_BACKUP_FILES)
         if others:
             raise TrainingError(f"the backup folder {backup_dir} holds other files "
                                 f"({', '.join(others[:3])[:200]}), and it is deleted when "
