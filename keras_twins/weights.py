@@ -1,8 +1,10 @@
 """Loads the `weights` argument of the constructors into a built model."""
 
+import io
 import os
 import re
 import warnings
+import zipfile
 
 # What `weights=` takes, besides "imagenet": Keras' files and PyTorch checkpoints.
 WEIGHTS_SUFFIXES = (".h5", ".keras", ".safetensors", ".pth", ".pt", ".bin")
@@ -118,8 +120,9 @@ def _architecture_of(model):
 
 def architecture_in_weights_file(path):
     """(embed_dims, depths, has LSA blocks) of the Twins whose weights a Keras
-    `.weights.h5` file holds, read from its layers' shapes; None for any other
-    file, or stages of equal widths (whose blocks cannot be told apart)."""
+    `.weights.h5` or `.keras` file holds, read from its layers' shapes; None
+    for any other file, or stages of equal widths (whose blocks cannot be told
+    apart)."""
     import h5py
 
     def numbered(layers, prefix):
@@ -127,19 +130,28 @@ def architecture_in_weights_file(path):
         return sorted(names, key=lambda n: int(n[len(prefix) + 1:] or 0))
 
     try:
-        with h5py.File(path, "r") as f:
+        with h5py.File(_weights_of_keras_file(path) or path, "r") as f:
             layers = f["layers"]
             embed_dims = tuple(int(layers[n]["projection"]["vars"]["0"].shape[-1])
                                for n in numbered(layers, "patch_embedding"))
             blocks = [layers[n] for n in numbered(layers, "transformer_block")]
             widths = [int(block["norm1"]["vars"]["0"].shape[0]) for block in blocks]
             lsa = any("qkv" in block["attention"] for block in blocks)
-    except (OSError, KeyError, TypeError, ValueError, IndexError):
+    except (OSError, KeyError, TypeError, ValueError, IndexError, zipfile.BadZipFile):
         return None
     depths = tuple(widths.count(dim) for dim in embed_dims)
     if not embed_dims or len(set(embed_dims)) < len(embed_dims) or sum(depths) != len(widths):
         return None
     return embed_dims, depths, lsa
+
+
+def _weights_of_keras_file(path):
+    """The `model.weights.h5` inside a `.keras` file (a zip archive), in
+    memory; None for any other file."""
+    if not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as archive:
+        return io.BytesIO(archive.read("model.weights.h5"))
 
 
 def _first_part(error, limit=300):

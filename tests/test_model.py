@@ -162,6 +162,7 @@ def test_weights_file_round_trip_with_and_without_head(tmp_path):
     np.testing.assert_array_equal(headless.get_layer("norm").gamma.numpy(),
                                   model.get_layer("norm").gamma.numpy())
     headless.save_weights(tmp_path / "headless.weights.h5")
+    model.save(tmp_path / "tiny.keras")
     keras_twins.TwinsSVTSmall(include_top=False).save_weights(tmp_path / "svt.weights.h5")
     # A file that does not fit gets the one-line error and none of Keras' warnings.
     with warnings.catch_warnings(record=True) as caught:
@@ -172,6 +173,13 @@ def test_weights_file_round_trip_with_and_without_head(tmp_path):
                 "Twins-SVT with embed_dims=(8, 16, 24, 32) and depths=(1, 2, 1, 2), not of "
                 "pcpvt_tiny") + "$"):
             keras_twins.Twins(**TINY_PCPVT, weights=str(tmp_path / "tiny.weights.h5"),
+                              name="pcpvt_tiny")
+        # So is that of a whole model saved by `model.save`.
+        with pytest.raises(ValueError, match=re.escape(
+                f"The weights file {tmp_path / 'tiny.keras'} holds the weights of a "
+                "Twins-SVT with embed_dims=(8, 16, 24, 32) and depths=(1, 2, 1, 2), not of "
+                "pcpvt_tiny") + "$"):
+            keras_twins.Twins(**TINY_PCPVT, weights=str(tmp_path / "tiny.keras"),
                               name="pcpvt_tiny")
         for constructor, name in ((keras_twins.TwinsPCPVTSmall, "twins_pcpvt_small"),
                                   (keras_twins.TwinsSVTBase, "twins_svt_base")):
