@@ -75,7 +75,7 @@ def Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios,
     input_shape = _input_shape(input_shape, input_tensor, include_top, variants.min_image_size(
         patch_size, sr_ratios, depths, window_sizes))
 
-    inputs = _input_layer(input_tensor, input_shape)
+    inputs = keras.Input(shape=input_shape) if input_tensor is None else input_tensor
     x = inputs
     if include_preprocessing:
         # (x / 255 - mean) / std as one multiply-add whose constants live in
@@ -569,6 +569,14 @@ def _validate_arguments(weights, variant, include_top, classes, pooling):
 def _input_shape(input_shape, input_tensor, include_top, minimum):
     """Defaults to 224x224 with the classifier and to any size without it,
     as keras.applications does, then checks channels and minimum size."""
+    if input_tensor is not None and not keras.backend.is_keras_tensor(input_tensor):
+        # keras.Input's refusal printed the whole array over dozens of lines.
+        shape = getattr(input_tensor, "shape", None)
+        raise ValueError(
+            "`input_tensor` must be a Keras tensor: keras.Input(...) or a layer's output. "
+            f"Received: input_tensor of type {type(input_tensor).__name__}"
+            + (f", shape {tuple(shape)}" if shape is not None else "")
+        )
     if input_shape is None and input_tensor is not None:
         input_shape = tuple(input_tensor.shape[1:])
     if input_shape is None:
@@ -599,14 +607,6 @@ def _input_shape(input_shape, input_tensor, include_top, minimum):
             f"Received: input_shape={input_shape}"
         )
     return input_shape
-
-
-def _input_layer(input_tensor, input_shape):
-    if input_tensor is None:
-        return keras.Input(shape=input_shape)
-    if keras.backend.is_keras_tensor(input_tensor):
-        return input_tensor
-    return keras.Input(tensor=input_tensor, shape=input_shape)
 
 
 # variant name (as in timm) -> its constructor, filled in below.

@@ -239,11 +239,16 @@ def test_input_tensor_is_used():
     # Keras' own error for a float size came from deep inside its variables.
     (dict(input_shape=(224.0, 224.0, 3)), "whole numbers (or None for any size)"),
     (dict(include_top=False, pooling="mean"), "Received: pooling='mean'"),
+    # keras.Input's refusal printed the array over dozens of lines.
+    (dict(input_tensor=np.zeros((1, 32, 32, 3))),
+     "`input_tensor` must be a Keras tensor: keras.Input(...) or a layer's output. "
+     "Received: input_tensor of type ndarray, shape (1, 32, 32, 3)"),
 ])
 def test_argument_errors_name_the_argument_and_value(kwargs, message):
     with pytest.raises(ValueError) as error:
         keras_twins.TwinsSVTSmall(**kwargs)
     assert message in str(error.value)
+    assert len(str(error.value).splitlines()) == 1
 
 
 def test_imagenet_weights_only_for_the_six_variants():
