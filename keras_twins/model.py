@@ -487,6 +487,9 @@ def pyramid_outputs(model):
     The same dict as a built model's `pyramid_outputs`, also for a model
     loaded from a `.keras` file, which does not keep that attribute.
     """
+    if not isinstance(model, keras.Model):
+        raise ValueError("Expected a Twins model, such as keras_twins.TwinsSVTSmall("
+                         f"include_top=False). Received: {model!r:.100}")
     found = {}
     for layer in model.layers:  # in graph order: a stage's last layer comes last
         match = _STAGE_LAYER.fullmatch(layer.name)

@@ -4,6 +4,8 @@ Reference: Kirillov et al., "Panoptic Feature Pyramid Networks", CVPR 2019
 (the semantic branch), as the Twins paper uses it for ADE20K (Table 2).
 """
 
+import numbers
+
 import keras
 import numpy as np
 from keras import ops
@@ -83,9 +85,13 @@ def SemanticFPN(backbone, num_classes, fpn_channels=256, head_channels=128,
         `(batch, H, W, num_classes)`. Train it with
         `compile_for_segmentation`, on `(image, mask)` pairs.
     """
-    if not is_whole(num_classes, least=1):
-        raise ValueError("`num_classes` must be a whole number of at least 1. "
-                         f"Received: num_classes={num_classes!r}")
+    for arg, value in (("num_classes", num_classes), ("fpn_channels", fpn_channels),
+                       ("head_channels", head_channels)):
+        if not is_whole(value, least=1):
+            raise ValueError(f"`{arg}` must be a whole number of at least 1. "
+                             f"Received: {arg}={value!r}")
+    if not (isinstance(dropout, numbers.Real) and 0 <= dropout < 1):
+        raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout!r}")
     pyramid = pyramid_outputs(backbone)
     levels = sorted(pyramid)  # "P2" (finest) .. "P5"
     features = [pyramid[level] for level in levels]

@@ -40,6 +40,14 @@ def test_bad_arguments_get_clear_errors():
     other = keras.Sequential([keras.Input((64, 64, 3)), keras.layers.Conv2D(4, 3, name="c")])
     with pytest.raises(ValueError, match="not a Twins model"):
         SemanticFPN(other, num_classes=3)
+    # An AttributeError from inside.
+    with pytest.raises(ValueError, match="Expected a Twins model.*Received: 'twins_svt_small'"):
+        SemanticFPN("twins_svt_small", num_classes=3)
+    # Keras' errors named its layers' `filters` and `rate`, not these arguments.
+    for arg, bad in (("fpn_channels", 0), ("head_channels", -1), ("dropout", 2.0),
+                     ("dropout", "0.1")):
+        with pytest.raises(ValueError, match=re.escape(f"Received: {arg}={bad!r}")):
+            SemanticFPN(backbone, num_classes=3, **{arg: bad})
 
 
 def test_a_batch_it_cannot_take_is_refused_in_one_line(tmp_path):
