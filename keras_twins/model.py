@@ -170,6 +170,7 @@ class ImageModel(keras.Model):
         import tensorflow as tf
 
         _check_data(self, x)
+        self._check_targets(x, y)
         shuffle_given = len(args) > _SHUFFLE_POSITION or "shuffle" in kwargs
         if isinstance(x, tf.data.Dataset) and not shuffle_given:
             # A pipeline shuffles itself and Keras ignores `shuffle` for it; since
@@ -181,6 +182,7 @@ class ImageModel(keras.Model):
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
         _check_data(self, x)
+        self._check_targets(x, y)
         _build_before_tracing(self, x, y)
         with _step_errors_named(self):
             return super().evaluate(x, y, *args, **kwargs)
@@ -194,11 +196,13 @@ class ImageModel(keras.Model):
     # the graph, and a label outside the classes raised 41 lines.
     def train_on_batch(self, x, y=None, *args, **kwargs):
         _check_data(self, x)
+        self._check_targets(x, y)
         with _step_errors_named(self):
             return super().train_on_batch(x, y, *args, **kwargs)
 
     def test_on_batch(self, x, y=None, *args, **kwargs):
         _check_data(self, x)
+        self._check_targets(x, y)
         with _step_errors_named(self):
             return super().test_on_batch(x, y, *args, **kwargs)
 
@@ -206,6 +210,11 @@ class ImageModel(keras.Model):
         _check_data(self, x)
         with _step_errors_named(self):
             return super().predict_on_batch(x)
+
+    def _check_targets(self, x, y):
+        """Refuses targets that cannot fit the outputs, in one line, where
+        their shapes are known before a step runs; a classifier's labels are
+        checked as the step runs (`_step_errors_named`)."""
 
     def train_step(self, data):
         return super().train_step(_checked_as_it_runs(self, data))

@@ -50,7 +50,59 @@ class ResizeLike(keras.layers.Layer):
 @register
 class SegmentationModel(ImageModel):
     """The functional Semantic FPN network; a batch it cannot take is refused
-    in one line (`keras_twins.model.ImageModel`), not deep inside a convolution."""
+    in one line (`keras_twins.model.ImageModel`), not deep inside a convolution,
+    and so are masks of another size than their images, not deep inside the loss."""
+
+    def _check_targets(self, x, y):
+        import tensorflow as tf
+
+        if isinstance(x, tf.data.Dataset):
+            spec = x.element_spec
+            if not (isinstance(spec, tuple) and len(spec) > 1):
+                return
+            x, y = spec[:2]
+        images, masks = getattr(x, "shape", None), getattr(y, "shape", None)
+        if images is None or masks is None or len(images) != 4:
+            return
+        images, masks = tuple(images), tuple(masks)
+        # (batch, H, W, 1) takes the sparse loss too, and one-hot masks a categorical one.
+        fits = len(masks) == 3 or (len(masks) == 4
+                                   and masks[3] in (1, None, self.output_shape[-1]))
+        fits = fits and all(m is None or i is None or m == i
+                            for m, i in zip(masks[:3], images[:3]))
+        if not fits:
+            raise ValueError(f"{self._masks_take()} Received: masks.shape={masks} for "
+                             f"images.shape={images}")
+
+    def train_step(self, data):
+        return super().train_step(self._masks_checked_as_they_run(data))
+
+    def test_step(self, data):
+        return super().test_step(self._masks_checked_as_they_run(data))
+
+    def _masks_take(self):
+        return (f"`{self.name}` classifies each pixel: its masks are (batch, height, width) "
+                "class indices, of the same height and width as the images.")
+
+    def _masks_checked_as_they_run(self, data):
+        """The masks of images whose size is known only as the step runs (a
+        pipeline of images of any size), checked then: a mask of another size
+        failed in the loss with the graph's trace. `ImageModel` words the
+        failed assertion."""
+        import tensorflow as tf
+
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if not (isinstance(x, tf.Tensor) and isinstance(y, tf.Tensor)
+                and x.shape.rank == 4 and y.shape.rank in (3, 4)):
+            return data
+        if None not in x.shape[1:3] and None not in y.shape[1:3]:
+            return data  # `_check_targets` saw them
+        fits = tf.reduce_all(tf.shape(y)[1:3] == tf.shape(x)[1:3])
+        with tf.control_dependencies([tf.debugging.Assert(fits, [
+                f"keras_twins: {self._masks_take()} Received: masks.shape=", tf.shape(y)],
+                summarize=4)]):
+            y = tf.identity(y)
+        return keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
 
 
 # Known by its class name alone too, for Keras' legacy .h5 format (as TwinsModel).

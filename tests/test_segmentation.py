@@ -10,6 +10,7 @@ import keras
 import keras_twins
 from conftest import TINY
 from conftest import TINY_PCPVT
+from conftest import TWO_STAGES
 from keras_twins.export import export
 from keras_twins.export import tflite_report
 from keras_twins.segmentation import IGNORE_LABEL
@@ -67,6 +68,43 @@ def test_a_batch_it_cannot_take_is_refused_in_one_line(tmp_path):
             model(np.zeros((1, 64, 64, 1), "float32"))
         assert "\n" not in str(error.value)  # Keras printed every pixel under it
         assert model(np.zeros((1, 32, 40, 3), "float32")).shape == (1, 32, 40, 3)
+
+
+def test_masks_of_another_size_than_their_images_are_refused_in_one_line():
+    """They failed in the loss, with the graph's trace (43 lines)."""
+    # Two stages: each model's first step is traced, and this traces four.
+    backbone = keras_twins.Twins(**TWO_STAGES, include_top=False,
+                                 input_shape=(None, None, 3))
+    model = compile_for_segmentation(SemanticFPN(backbone, num_classes=3, **SMALL_HEAD))
+    images, masks = synthetic_shapes(4, (64, 96))
+    small = masks[:, :32, :48]
+    message = re.escape("`semantic_fpn` classifies each pixel: its masks are (batch, height, "
+                        "width) class indices, of the same height and width as the images. "
+                        "Received: masks.shape=")
+
+    def any_size():  # sizes known only as each step runs
+        for image, mask in zip(images, small):
+            yield image, mask
+
+    pipeline = tf.data.Dataset.from_generator(any_size, output_signature=(
+        tf.TensorSpec((None, None, 3)), tf.TensorSpec((None, None), tf.uint8))).batch(2)
+    for run in (lambda: model.fit(images, small, batch_size=2, verbose=0),
+                lambda: model.evaluate(images, small, batch_size=2, verbose=0),
+                lambda: model.train_on_batch(images, small),
+                lambda: model.fit(tf.data.Dataset.from_tensor_slices((images, small)).batch(2),
+                                  verbose=0),
+                lambda: model.fit(pipeline, verbose=0),
+                lambda: model.evaluate(pipeline, verbose=0)):
+        with pytest.raises(ValueError, match=message + r"\((4|2|None), 32, 48\)") as error:
+            run()
+        assert "\n" not in str(error.value)
+    # A channel axis of 1 fits the sparse loss, and one-hot masks a categorical one.
+    # (A new model: Keras cannot fit one model on masks of two ranks.)
+    compile_for_segmentation(SemanticFPN(backbone, num_classes=3, **SMALL_HEAD)).fit(
+        images, masks[..., None], batch_size=2, verbose=0)
+    one_hot = SemanticFPN(backbone, num_classes=3, **SMALL_HEAD)
+    one_hot.compile("adam", keras.losses.CategoricalCrossentropy(from_logits=True))
+    one_hot.fit(images, np.eye(3)[np.minimum(masks, 2)], batch_size=2, verbose=0)
 
 
 def test_learns_synthetic_shapes_to_mean_iou_0_8():
