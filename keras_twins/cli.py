@@ -490,16 +490,28 @@ def _info():
     header = ("variant", "constructor", "params", "GMACs@224", "top-1", "ImageNet weights")
     rows = []
     for name, entry in keras_twins.VARIANTS.items():
-        cached = os.path.exists(cached_weights_path(name))
         rows.append((
             name, keras_twins.CONSTRUCTORS[name].__name__, f"{entry['params']:,}",
             f"{count_macs(**entry['config']) / 1e9:.2f}", f"{entry['timm_top1']:g}",
-            "cached" if cached else "not downloaded",
+            _cache_state(name, entry["config"], cached_weights_path(name)),
         ))
     return (
         f"keras_twins {keras_twins.__version__}\n\n" + format_table(header, rows)
         + f"\n\nweights cache: {cache_dir()}"
     )
+
+
+def _cache_state(name, config, path):
+    """"cached", "not downloaded", or "damaged" for an entry that does not
+    hold the variant's weights (a copy cut short), which the next use of
+    the weights fetches again."""
+    from keras_twins.weights import architecture_in_weights_file
+
+    if not os.path.exists(path):
+        return "not downloaded"
+    held = architecture_in_weights_file(path)
+    expected = (config["embed_dims"], config["depths"], config["window_sizes"] is not None)
+    return "cached" if held == expected else "damaged (fetched again when used)"
 
 
 def format_table(header, rows):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -116,15 +117,28 @@ def test_predict_failures_are_one_line(photos, checkpoint, tmp_path, random_refe
 
 
 def test_info_lists_variants_and_cache(tmp_path):
+    import keras_twins
+
     env = {**os.environ, "KERAS_HOME": str(tmp_path)}
+    (tmp_path / "models").mkdir()
+    keras_twins.TwinsSVTSmall(include_top=False).save_weights(
+        tmp_path / "models" / "twins_svt_small.in1k.weights.h5")
+    # A cache entry cut short was listed as cached.
+    (tmp_path / "models" / "twins_pcpvt_small.in1k.weights.h5").write_bytes(b"\x89HDF")
+    # One of another variant's weights, as a copy under the wrong name.
+    shutil.copy(tmp_path / "models" / "twins_svt_small.in1k.weights.h5",
+                tmp_path / "models" / "twins_svt_base.in1k.weights.h5")
     result = subprocess.run([sys.executable, "-m", "keras_twins", "info"],
                             capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr
-    import keras_twins
-
+    states = {"twins_svt_small": "cached", "twins_pcpvt_small": "damaged",
+              "twins_svt_base": "damaged"}
     for name, entry in keras_twins.VARIANTS.items():
-        assert any(line.startswith(name) and f"{entry['params']:,}" in line
-                   for line in result.stdout.splitlines())
+        line, = [line for line in result.stdout.splitlines() if line.startswith(name + " ")]
+        assert f"{entry['params']:,}" in line
+        state = states.get(name, "not downloaded")
+        assert line.split("  ")[-1].strip().startswith(state), line
+    assert "damaged (fetched again when used)" in result.stdout
     assert str(tmp_path / "models") in result.stdout
 
 
