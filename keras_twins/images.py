@@ -1,5 +1,7 @@
 """Loading image files the way the reference evaluates them."""
 
+import os
+
 import numpy as np
 
 from keras_twins import variants
@@ -8,6 +10,10 @@ from keras_twins.checks import is_whole
 
 def load_image(path, image_size=variants.DEFAULT_IMAGE_SIZE, crop_pct=variants.CROP_PCT):
     """Loads an image file as the reference's evaluation transform does.
+
+    `path` is a file path, a binary file object (`io.BytesIO(data)` for the
+    bytes of an image file), or an open Pillow image, as timm's transforms
+    take.
 
     Converts to RGB (grayscale, RGBA and 16-bit included), resizes with
     bicubic interpolation and crops the center, as timm's evaluation
@@ -25,6 +31,15 @@ def load_image(path, image_size=variants.DEFAULT_IMAGE_SIZE, crop_pct=variants.C
     except ImportError:
         raise ImportError("Loading images needs Pillow: pip install pillow") from None
     crop_height, crop_width = _crop_size(image_size)
+    if isinstance(path, Image.Image):
+        return _evaluation_crop(path, crop_height, crop_width, crop_pct)
+    if isinstance(path, (bytes, bytearray)) and b"\0" in path or not isinstance(
+            path, (str, bytes, os.PathLike)) and not hasattr(path, "read"):
+        # Pillow's "embedded null byte", or "'numpy.ndarray' object has no attribute 'read'".
+        what = ("the bytes of an image file" if isinstance(path, (bytes, bytearray))
+                else type(path).__name__)
+        raise TypeError("load_image takes a path, a binary file object (io.BytesIO(data) "
+                        f"for an image file's bytes) or a Pillow image. Received: {what}")
     try:
         with Image.open(path) as image:
             return _evaluation_crop(image, crop_height, crop_width, crop_pct)

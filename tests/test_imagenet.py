@@ -1,5 +1,6 @@
 """Class names, decode_predictions, preprocess_input and the evaluation image loader."""
 
+import io
 import os
 import re
 
@@ -121,6 +122,25 @@ def test_a_16_bit_grayscale_image_loads_as_its_8_bit_image(tmp_path):
     # The training and evaluation pipelines decode with TensorFlow: the same pixels.
     decoded = tf.io.decode_png(tf.io.read_file(str(tmp_path / "gray16.png")), channels=3)
     np.testing.assert_array_equal(decoded.numpy()[..., 0], high)
+
+
+def test_load_image_takes_a_pillow_image_or_a_file_object(tmp_path):
+    """A Pillow image was "'PngImageFile' object has no attribute 'read'"."""
+    china("RGB", (333, 217)).save(tmp_path / "image.png")
+    expected = keras_twins.load_image(tmp_path / "image.png", 96)
+    with Image.open(tmp_path / "image.png") as image:
+        np.testing.assert_array_equal(keras_twins.load_image(image, 96), expected)
+        assert image.size == (333, 217)  # the caller's image, unchanged
+    data = (tmp_path / "image.png").read_bytes()
+    np.testing.assert_array_equal(keras_twins.load_image(io.BytesIO(data), 96), expected)
+    # An array was the same AttributeError, and an image file's bytes Pillow's
+    # "embedded null byte".
+    for bad, what in ((np.zeros((40, 40, 3), np.uint8), "ndarray"),
+                      (data, "the bytes of an image file")):
+        with pytest.raises(TypeError, match=re.escape(
+                "load_image takes a path, a binary file object (io.BytesIO(data) for an "
+                f"image file's bytes) or a Pillow image. Received: {what}")):
+            keras_twins.load_image(bad)
 
 
 @pytest.mark.parametrize("size", [0, (224, 224, 3), 22.5, (0, 10)])
