@@ -493,7 +493,7 @@ def _info():
         rows.append((
             name, keras_twins.CONSTRUCTORS[name].__name__, f"{entry['params']:,}",
             f"{count_macs(**entry['config']) / 1e9:.2f}", f"{entry['timm_top1']:g}",
-            _cache_state(name, entry["config"], cached_weights_path(name)),
+            _cache_state(entry["config"], cached_weights_path(name)),
         ))
     return (
         f"keras_twins {keras_twins.__version__}\n\n" + format_table(header, rows)
@@ -501,7 +501,7 @@ def _info():
     )
 
 
-def _cache_state(name, config, path):
+def _cache_state(config, path):
     """"cached", "not downloaded", or "damaged" for an entry that does not
     hold the variant's weights (a copy cut short), which the next use of
     the weights fetches again."""

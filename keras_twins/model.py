@@ -170,6 +170,7 @@ class ImageModel(keras.Model):
         import tensorflow as tf
 
         _check_data(self, x)
+        _check_ranks_known(self, x)
         self._check_targets(x, y)
         shuffle_given = len(args) > _SHUFFLE_POSITION or "shuffle" in kwargs
         if isinstance(x, tf.data.Dataset) and not shuffle_given:
@@ -182,6 +183,7 @@ class ImageModel(keras.Model):
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
         _check_data(self, x)
+        _check_ranks_known(self, x)
         self._check_targets(x, y)
         _build_before_tracing(self, x, y)
         with _step_errors_named(self):
@@ -345,6 +347,26 @@ def _check_data(model, x):
             check_images(model, spec)
     else:
         check_images(model, x)
+
+
+def _check_ranks_known(model, x):
+    """Refuses, in one line, a pipeline of elements of unknown rank (from
+    `from_generator` with `TensorSpec(None)`), which Keras' `fit` and
+    `evaluate` cannot take: they failed with "as_list() is not defined on an
+    unknown TensorShape" or "Cannot take the length of shape with unknown
+    rank"."""
+    import tensorflow as tf
+
+    if not isinstance(x, tf.data.Dataset):
+        return
+    specs = x.element_spec if isinstance(x.element_spec, tuple) else (x.element_spec,)
+    for what, spec in zip(("images", "labels", "sample weights"), specs):
+        if isinstance(spec, tf.TensorSpec) and spec.shape.rank is None:
+            raise ValueError(
+                f"`{model.name}` cannot fit or evaluate a pipeline whose {what} have a shape "
+                "of unknown rank: give them one, as from_generator's output_signature="
+                "(tf.TensorSpec((None, None, 3)), tf.TensorSpec((), tf.int32)) does, or "
+                "map tf.ensure_shape over the pipeline")
 
 
 _LABEL_OUT_OF_RANGE = re.compile(

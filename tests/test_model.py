@@ -386,6 +386,32 @@ def test_a_pipeline_of_unknown_sizes_is_refused_in_one_line_as_it_runs(run, bad,
     assert str(raised.value) == f"`tiny` {message}. Received: inputs.shape={(1, *bad)}"
 
 
+@pytest.mark.parametrize("run, unknown", [("fit", "labels"), ("evaluate", "images")])
+def test_a_pipeline_of_unknown_rank_is_refused_in_one_line(run, unknown):
+    """Keras' fit and evaluate cannot take one: "as_list() is not defined on
+    an unknown TensorShape", or "Cannot take the length of shape with
+    unknown rank". predict can, and still does."""
+    def examples():
+        for label in (0, 1):
+            yield np.zeros((32, 32, 3), "float32"), label
+
+    specs = {"images": tf.TensorSpec((None, None, 3)), "labels": tf.TensorSpec((), tf.int32)}
+    specs[unknown] = tf.TensorSpec(None, specs[unknown].dtype)
+    data = tf.data.Dataset.from_generator(examples, output_signature=(
+        specs["images"], specs["labels"])).batch(2)
+    model = keras_twins.Twins(**TWO_STAGES, input_shape=(None, None, 3), classes=2,
+                              name="tiny")
+    model.compile(loss="sparse_categorical_crossentropy")
+    with pytest.raises(ValueError) as raised:
+        getattr(model, run)(data, verbose=0)
+    assert str(raised.value) == (
+        f"`tiny` cannot fit or evaluate a pipeline whose {unknown} have a shape of unknown "
+        "rank: give them one, as from_generator's output_signature=(tf.TensorSpec((None, "
+        "None, 3)), tf.TensorSpec((), tf.int32)) does, or map tf.ensure_shape over the "
+        "pipeline")
+    assert model.predict(data.map(lambda images, labels: images), verbose=0).shape == (2, 2)
+
+
 @pytest.mark.parametrize("run, data, label", [("fit", "arrays", 3), ("evaluate", "tf.data", -1)])
 def test_a_label_outside_the_classes_is_refused_in_one_line(run, data, label):
     """TensorFlow's sparse cross-entropy found it as the step ran, with the
