@@ -495,8 +495,63 @@ def _write_onnx(function, spec, path):
         dim = value.type.tensor_type.shape.dim[0]
         if dim.HasField("dim_param"):
             dim.dim_param = "batch"
+    _resize_by_sizes(graph)
     with open(path, "wb") as f:
         f.write(graph.SerializeToString())
+
+
+def _resize_by_sizes(graph):
+    """Gives each Resize of a known input size its output size, not scales.
+
+    tf2onnx writes a resize to a fixed size as float32 scales, and ONNX
+    computes the output size as floor(input * scale): the stride-4 logits of
+    a 97-pixel image (24 rows) scale by 4.0416665, and 24 x 4.0416665 is
+    96.99999. onnxruntime's shape inference found 96 rows where the graph
+    declares 97 and warned; a runtime that follows it writes 96. The sizes
+    (batch and channels from the input's shape, so any batch works) are exact.
+    """
+    import onnx
+    from onnx import helper
+    from onnx import numpy_helper
+
+    constants = {tensor.name: tensor for tensor in graph.graph.initializer}
+    nodes = list(graph.graph.node)
+    resizes = [i for i, node in enumerate(nodes) if node.op_type == "Resize"
+               and len(node.input) == 3 and node.input[2] in constants]
+    if not resizes:
+        return
+    inferred = onnx.shape_inference.infer_shapes(graph).graph
+    shapes = {value.name: [dim.dim_value or None for dim in value.type.tensor_type.shape.dim]
+              for value in (*inferred.value_info, *inferred.input)}
+    before = {}  # index of a Resize -> the nodes that compute its sizes
+    for i in resizes:
+        node = nodes[i]
+        shape = shapes.get(node.input[0])
+        scales = numpy_helper.to_array(constants[node.input[2]])
+        if shape is None or len(shape) != 4 or None in shape[2:] or len(scales) != 4:
+            continue
+        size = np.array([round(side * scale) for side, scale in zip(shape[2:], scales[2:])],
+                        np.int64)
+        name = f"resize_by_sizes_{i}"
+        graph.graph.initializer.append(numpy_helper.from_array(size, f"{name}_size"))
+        before[i] = [
+            helper.make_node("Shape", [node.input[0]], [f"{name}_shape"], start=0, end=2),
+            helper.make_node("Concat", [f"{name}_shape", f"{name}_size"], [f"{name}_sizes"],
+                             axis=0),
+        ]
+        node.input[2] = "resize_empty_scales"
+        node.input.append(f"{name}_sizes")
+    if not before:
+        return
+    graph.graph.initializer.append(
+        numpy_helper.from_array(np.zeros(0, np.float32), "resize_empty_scales"))
+    nodes = [new for i, node in enumerate(nodes) for new in (*before.get(i, ()), node)]
+    del graph.graph.node[:]
+    graph.graph.node.extend(nodes)
+    used = {name for node in nodes for name in node.input}
+    unused = [tensor for tensor in graph.graph.initializer if tensor.name not in used]
+    for tensor in unused:
+        graph.graph.initializer.remove(tensor)
 
 
 @contextlib.contextmanager

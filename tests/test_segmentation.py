@@ -153,6 +153,31 @@ def test_tflite_export_runs_with_builtin_ops_only(tmp_path):
     assert "RESIZE_BILINEAR" in report["ops"]
 
 
+def test_onnx_export_resizes_to_exact_sizes_at_any_batch(tmp_path, capfd):
+    """tf2onnx wrote each resize as float32 scales; ONNX floors input x scale,
+    and the logits of a 97-pixel image (24 rows, x 4.0416665) came to 96 rows
+    in shape inference: onnxruntime warned, and a runtime following it wrote
+    96."""
+    import onnx
+    import onnxruntime
+
+    backbone = keras_twins.Twins(**TWO_STAGES, include_top=False, input_shape=(97, 131, 3))
+    model = SemanticFPN(backbone, num_classes=4, **SMALL_HEAD)
+    images = np.random.default_rng(1).uniform(0, 255, (2, 97, 131, 3)).astype("float32")
+    expected = model.predict(images, verbose=0)
+    path = export(model, tmp_path / "segmentation.onnx", format="onnx", batch_size=None,
+                  output="logits")
+    inferred = onnx.shape_inference.infer_shapes(onnx.load(path), strict_mode=True)
+    dims = inferred.graph.output[0].type.tensor_type.shape.dim
+    assert [dim.dim_param or dim.dim_value for dim in dims] == ["batch", 97, 131, 4]
+    capfd.readouterr()
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {session.get_inputs()[0].name: images})[0]
+    assert "MergeShapeInfo" not in capfd.readouterr().err
+    assert logits.shape == (2, 97, 131, 4)
+    assert np.abs(logits - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
+
+
 def test_example_fine_tunes_and_draws_offline(tmp_path):
     import pathlib
     import subprocess
