@@ -506,12 +506,13 @@ def _cache_state(config, path):
     hold the variant's weights (a copy cut short), which the next use of
     the weights fetches again."""
     from keras_twins.weights import architecture_in_weights_file
+    from keras_twins.weights import architecture_of_config
 
     if not os.path.exists(path):
         return "not downloaded"
-    held = architecture_in_weights_file(path)
-    expected = (config["embed_dims"], config["depths"], config["window_sizes"] is not None)
-    return "cached" if held == expected else "damaged (fetched again when used)"
+    if architecture_in_weights_file(path) == architecture_of_config(config):
+        return "cached"
+    return "damaged (fetched again when used)"
 
 
 def format_table(header, rows):

@@ -524,6 +524,7 @@ def _resize_by_sizes(graph):
     shapes = {value.name: [dim.dim_value or None for dim in value.type.tensor_type.shape.dim]
               for value in (*inferred.value_info, *inferred.input)}
     before = {}  # index of a Resize -> the nodes that compute its sizes
+    replaced = set()  # the names of the scales given up
     for i in resizes:
         node = nodes[i]
         shape = shapes.get(node.input[0])
@@ -539,6 +540,7 @@ def _resize_by_sizes(graph):
             helper.make_node("Concat", [f"{name}_shape", f"{name}_size"], [f"{name}_sizes"],
                              axis=0),
         ]
+        replaced.add(node.input[2])
         node.input[2] = "resize_empty_scales"
         node.input.append(f"{name}_sizes")
     if not before:
@@ -549,7 +551,8 @@ def _resize_by_sizes(graph):
     del graph.graph.node[:]
     graph.graph.node.extend(nodes)
     used = {name for node in nodes for name in node.input}
-    unused = [tensor for tensor in graph.graph.initializer if tensor.name not in used]
+    unused = [tensor for tensor in graph.graph.initializer
+              if tensor.name in replaced and tensor.name not in used]
     for tensor in unused:
         graph.graph.initializer.remove(tensor)
 

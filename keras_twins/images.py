@@ -33,8 +33,9 @@ def load_image(path, image_size=variants.DEFAULT_IMAGE_SIZE, crop_pct=variants.C
     crop_height, crop_width = _crop_size(image_size)
     if isinstance(path, Image.Image):
         return _evaluation_crop(path, crop_height, crop_width, crop_pct)
-    if isinstance(path, (bytes, bytearray)) and b"\0" in path or not isinstance(
-            path, (str, bytes, os.PathLike)) and not hasattr(path, "read"):
+    is_path = isinstance(path, (str, os.PathLike)) or (
+        isinstance(path, bytes) and b"\0" not in path)
+    if not is_path and not hasattr(path, "read"):
         # Pillow's "embedded null byte", or "'numpy.ndarray' object has no attribute 'read'".
         what = ("the bytes of an image file" if isinstance(path, (bytes, bytearray))
                 else type(path).__name__)

@@ -169,9 +169,7 @@ class ImageModel(keras.Model):
     def fit(self, x=None, y=None, *args, **kwargs):
         import tensorflow as tf
 
-        _check_data(self, x)
-        _check_ranks_known(self, x)
-        self._check_targets(x, y)
+        self._check_inputs(x, y)
         shuffle_given = len(args) > _SHUFFLE_POSITION or "shuffle" in kwargs
         if isinstance(x, tf.data.Dataset) and not shuffle_given:
             # A pipeline shuffles itself and Keras ignores `shuffle` for it; since
@@ -182,9 +180,7 @@ class ImageModel(keras.Model):
             return super().fit(x, y, *args, **kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
-        _check_data(self, x)
-        _check_ranks_known(self, x)
-        self._check_targets(x, y)
+        self._check_inputs(x, y)
         _build_before_tracing(self, x, y)
         with _step_errors_named(self):
             return super().evaluate(x, y, *args, **kwargs)
@@ -197,14 +193,12 @@ class ImageModel(keras.Model):
     # The one-batch forms: a gray batch for a model of fixed size failed in
     # the graph, and a label outside the classes raised 41 lines.
     def train_on_batch(self, x, y=None, *args, **kwargs):
-        _check_data(self, x)
-        self._check_targets(x, y)
+        self._check_inputs(x, y)
         with _step_errors_named(self):
             return super().train_on_batch(x, y, *args, **kwargs)
 
     def test_on_batch(self, x, y=None, *args, **kwargs):
-        _check_data(self, x)
-        self._check_targets(x, y)
+        self._check_inputs(x, y)
         with _step_errors_named(self):
             return super().test_on_batch(x, y, *args, **kwargs)
 
@@ -212,6 +206,12 @@ class ImageModel(keras.Model):
         _check_data(self, x)
         with _step_errors_named(self):
             return super().predict_on_batch(x)
+
+    def _check_inputs(self, x, y):
+        """The checks of what `fit`, `evaluate` and the one-batch steps get."""
+        _check_data(self, x)
+        _check_ranks_known(self, x)
+        self._check_targets(x, y)
 
     def _check_targets(self, x, y):
         """Refuses targets that cannot fit the outputs, in one line, where

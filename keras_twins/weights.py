@@ -103,6 +103,13 @@ def _other_architecture(path, model):
     return f"The weights file {path} holds the weights of {what}, not of {model.name}"
 
 
+def architecture_of_config(config):
+    """(embed_dims, depths, has LSA blocks) of `keras_twins.Twins` arguments,
+    as `architecture_in_weights_file` reads them from a file."""
+    return (tuple(config["embed_dims"]), tuple(config["depths"]),
+            config.get("window_sizes") is not None)
+
+
 def _architecture_of(model):
     """(embed_dims, depths, has LSA blocks) of a built Twins model, as
     `architecture_in_weights_file` reads them from a file."""
