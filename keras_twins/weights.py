@@ -87,20 +87,39 @@ def _head_mismatch(error, path, classes):
 
 
 def _other_architecture(path, model):
-    """Names the Twins architecture a `.weights.h5` file that did not load
-    holds, when it is not the model's; None otherwise. Keras' error named one
-    layer that did not fit, not what the file is."""
-    held = architecture_in_weights_file(path)
-    if held is None or held == _architecture_of(model):
+    """What a Keras weights file that did not load holds, when it is not the
+    model's architecture: another Twins, a larger model with a Twins inside,
+    or no Twins at all; None otherwise. Keras' error named one layer that
+    did not fit, not what the file is."""
+    contents = _weights_file_contents(path)
+    if contents is None:
         return None
+    names, where, held = contents
+    if where == "" and held in (None, _architecture_of(model)):
+        return None
+    what = _describe(held)
+    if where == "":
+        return f"The weights file {path} holds the weights of {what}, not of {model.name}"
+    if where is None:
+        layers = f": none of its {len(names)} layers is a Twins or holds one" if names else ""
+        return f"The weights file {path} holds no Twins model's weights{layers}"
+    # Keras names a file's layers by their class, not by the model's names for them.
+    return (f"The weights file {path} holds a larger model of {len(names)} layers, one of them "
+            f"{what}: build that model, load the file with its load_weights, and take the "
+            "Twins from it with get_layer")
+
+
+def _describe(architecture):
+    """A variant's name, or the stages of another Twins; "a Twins" when unknown."""
+    if architecture is None:
+        return "a Twins"
     from keras_twins import variants
 
-    config = dict(embed_dims=held[0], depths=held[1],
-                  window_sizes=(7,) * len(held[0]) if held[2] else None)
-    name = variants.find_variant(**config)
-    family = "Twins-SVT" if held[2] else "Twins-PCPVT"
-    what = name or (f"a {family} with embed_dims={held[0]} and depths={held[1]}")
-    return f"The weights file {path} holds the weights of {what}, not of {model.name}"
+    embed_dims, depths, lsa = architecture
+    name = variants.find_variant(embed_dims=embed_dims, depths=depths,
+                                 window_sizes=(7,) * len(embed_dims) if lsa else None)
+    family = "Twins-SVT" if lsa else "Twins-PCPVT"
+    return name or f"a {family} with embed_dims={embed_dims} and depths={depths}"
 
 
 def architecture_of_config(config):
@@ -128,26 +147,60 @@ def _architecture_of(model):
 def architecture_in_weights_file(path):
     """(embed_dims, depths, has LSA blocks) of the Twins whose weights a Keras
     `.weights.h5` or `.keras` file holds, read from its layers' shapes; None
-    for any other file, or stages of equal widths (whose blocks cannot be told
-    apart)."""
-    import h5py
+    for any other file, a Twins inside a larger model, or stages of equal
+    widths (whose blocks cannot be told apart)."""
+    contents = _weights_file_contents(path)
+    return contents[2] if contents and contents[1] == "" else None
 
-    def numbered(layers, prefix):
-        names = [n for n in layers if re.fullmatch(rf"{prefix}(_\d+)?", n)]
-        return sorted(names, key=lambda n: int(n[len(prefix) + 1:] or 0))
+
+def _weights_file_contents(path):
+    """(names of the top-level layers, where the Twins is, its architecture)
+    in a Keras weights file. Where: "" for the file's model itself, the
+    file's name of a top-level layer for a Twins inside a larger model (the
+    snake-case name of its class), None for no Twins. The architecture is
+    None where it cannot be told. None for a file that is not a Keras weights
+    file."""
+    import h5py
 
     try:
         with h5py.File(_weights_of_keras_file(path) or path, "r") as f:
+            if not isinstance(f.get("layers"), h5py.Group):  # another library's, or Keras 2's
+                return [], None, None
             layers = f["layers"]
-            embed_dims = tuple(int(layers[n]["projection"]["vars"]["0"].shape[-1])
-                               for n in numbered(layers, "patch_embedding"))
-            blocks = [layers[n] for n in numbered(layers, "transformer_block")]
-            widths = [int(block["norm1"]["vars"]["0"].shape[0]) for block in blocks]
-            lsa = any("qkv" in block["attention"] for block in blocks)
-    except (OSError, KeyError, TypeError, ValueError, IndexError, zipfile.BadZipFile):
+            names = list(layers)
+            if _is_twins(layers):
+                return names, "", _architecture_of_layers(layers)
+            for name in names:
+                inner = layers[name].get("layers") if isinstance(layers[name], h5py.Group) else None
+                if isinstance(inner, h5py.Group) and _is_twins(inner):
+                    return names, name, _architecture_of_layers(inner)
+            return names, None, None
+    except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile):
+        return None
+
+
+def _numbered(layers, prefix):
+    """Keras' names of a layer class's instances, in order: prefix, prefix_1, ..."""
+    names = [n for n in layers if re.fullmatch(rf"{prefix}(_\d+)?", n)]
+    return sorted(names, key=lambda n: int(n[len(prefix) + 1:] or 0))
+
+
+def _is_twins(layers):
+    return bool(_numbered(layers, "patch_embedding")) and bool(
+        _numbered(layers, "transformer_block"))
+
+
+def _architecture_of_layers(layers):
+    try:
+        embed_dims = tuple(int(layers[n]["projection"]["vars"]["0"].shape[-1])
+                           for n in _numbered(layers, "patch_embedding"))
+        blocks = [layers[n] for n in _numbered(layers, "transformer_block")]
+        widths = [int(block["norm1"]["vars"]["0"].shape[0]) for block in blocks]
+        lsa = any("qkv" in block["attention"] for block in blocks)
+    except (KeyError, TypeError, ValueError, IndexError):
         return None
     depths = tuple(widths.count(dim) for dim in embed_dims)
-    if not embed_dims or len(set(embed_dims)) < len(embed_dims) or sum(depths) != len(widths):
+    if len(set(embed_dims)) < len(embed_dims) or sum(depths) != len(widths):
         return None
     return embed_dims, depths, lsa
 
