@@ -139,8 +139,15 @@ def _folder_split(root, split):
                         "or tfds:NAME)")
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
-        raise DataError(f"{root}: no '{split}' split (found: "
-                        f"{', '.join(split_names(root)) or 'no sub-folders'})")
+        found = split_names(root)
+        message = f"{root}: no '{split}' split (found: {', '.join(found) or 'no sub-folders'})"
+        if any(_holds_images(os.path.join(root, name)) for name in found):
+            # Keras' image_dataset_from_directory takes a folder of class folders.
+            message += (f"; its sub-folders hold images, as one split's class folders do: "
+                        f"the layout is ROOT/SPLIT/LABEL/*.jpg, so move them into {folder}")
+        elif _holds_images(root):
+            message += "; its images are not in class folders: the layout is ROOT/SPLIT/LABEL/*.jpg"
+        raise DataError(message)
     class_names = _subfolders(folder)
     paths, labels = [], []
     for label, name in enumerate(class_names):
@@ -148,7 +155,9 @@ def _folder_split(root, split):
         paths += found
         labels += [label] * len(found)
     if not paths:
-        raise DataError(f"{folder}: no images found (expected {folder}/LABEL/*.jpg|png|webp)")
+        where = " in class folders" if _holds_images(folder) else ""
+        raise DataError(f"{folder}: no images found{where} "
+                        f"(expected {folder}/LABEL/*.jpg|png|webp)")
     readable = _readable(paths)
     skipped = [path for path in paths if path not in readable]
     kept = [(path, label) for path, label in zip(paths, labels) if path in readable]
@@ -159,6 +168,12 @@ def _folder_split(root, split):
     dataset = tf.data.Dataset.from_tensor_slices((paths, labels)).map(
         _decode_file, num_parallel_calls=tf.data.AUTOTUNE)
     return Split(dataset, class_names, len(kept), skipped, paths, labels)
+
+
+def _holds_images(folder):
+    """Whether image files lie directly in `folder`."""
+    return any(name.lower().endswith(IMAGE_SUFFIXES) and
+               os.path.isfile(os.path.join(folder, name)) for name in os.listdir(folder))
 
 
 def _image_files(folder):

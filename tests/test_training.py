@@ -636,6 +636,13 @@ def test_a_json_architecture_may_repeat_what_train_sets_not_change_it(tmp_path):
                     "add images or remove the folder"),
     ("tfds", "unknown tensorflow-datasets name 'no_such_dataset'"),
     ("missing", "no such folder"),
+    # The layout of Keras' image_dataset_from_directory, ROOT/LABEL/*.png.
+    ("no_split", "data: no 'train' split (found: circle, square); its sub-folders hold images, "
+                 "as one split's class folders do: the layout is ROOT/SPLIT/LABEL/*.jpg, so "
+                 "move them into"),
+    ("no_classes", "data: no 'train' split (found: no sub-folders); its images are not in "
+                   "class folders"),
+    ("unsorted_split", "train: no images found in class folders"),
 ])
 def test_bad_data_gives_one_line_errors(damage, message, tmp_path, capfd):
     data = tmp_path / "data"
@@ -651,6 +658,14 @@ def test_bad_data_gives_one_line_errors(damage, message, tmp_path, capfd):
         (data / "validation" / "star").mkdir()
     elif damage == "tfds":
         data = "tfds:no_such_dataset"
+    elif damage == "no_split":
+        shutil.move(image_folder(tmp_path / "split", per_class=2, splits=("train",)) / "train",
+                    data)
+    elif damage in ("no_classes", "unsorted_split"):
+        folder = data if damage == "no_classes" else data / "train"
+        folder.mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (40, 40), (i * 90, 20, 200)).save(folder / f"{i}.png")
     code, _, err = cli_train(capfd, data, tmp_path / "run")
     assert code == 1
     assert err.strip().splitlines() == [err.strip()], err
