@@ -340,8 +340,12 @@ def load_keras_model(path):
 
 
 def _transfer_weights(source, target, name):
-    """Copies every layer of `source` whose name and weight shapes `target` shares."""
-    layers = {layer.name: layer for layer in source.layers}
+    """Copies every layer of `source` whose name and weight shapes `target`
+    shares. The layers of a model inside `source` count too: a fine-tuning
+    script's model is often a Twins under a new head."""
+    layers = {inner.name: inner for layer in source.layers if isinstance(layer, keras.Model)
+              for inner in layer.layers}
+    layers.update({layer.name: layer for layer in source.layers})
     copied = 0
     for layer in target.layers:
         match = layers.get(layer.name)

@@ -781,6 +781,15 @@ def test_fine_tuning_weights_bring_all_but_a_head_of_another_size(random_referen
     np.testing.assert_array_equal(grown.get_layer("stage_3_block_1").get_weights()[0],
                                   small.get_layer("stage_3_block_1").get_weights()[0])
     assert grown.output_shape == (None, 5)
+    # So does one of a Twins under a new head, as a fine-tuning script builds it.
+    inputs = keras.Input((32, 32, 3))
+    backbone = keras_twins.Twins(**TINY, include_top=False, pooling="avg", name="backbone")
+    keras.Model(inputs, keras.layers.Dense(2)(backbone(inputs))).save(tmp_path / "wrapped.keras")
+    grown = training.build_model(TINY_LIST, 5, (48, 48), weights=tmp_path / "wrapped.keras")
+    for name in ("patch_embed_0", "stage_3_block_1", "norm"):
+        for a, b in zip(grown.get_layer(name).get_weights(),
+                        backbone.get_layer(name).get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
     with pytest.raises(training.TrainingError, match="not a loadable Keras model"):
         (tmp_path / "broken.keras").write_bytes(b"PK broken")
         training.build_model(TINY_LIST, 5, (48, 48), weights=tmp_path / "broken.keras")
