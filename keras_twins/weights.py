@@ -3,6 +3,7 @@
 import io
 import os
 import re
+import tempfile
 import warnings
 import zipfile
 
@@ -52,12 +53,20 @@ def load_weights(model, weights, variant, include_top, classes):
 
 
 def _load_keras_weights(model, path, classes):
-    """`model.load_weights(path)`; a file that does not fit is one ValueError line."""
+    """`model.load_weights(path)`; a file that does not fit is one ValueError line.
+
+    A file of a larger model that holds a Twins as one of its layers (a Twins
+    under a new head, as fine-tuning builds it) gives that Twins' weights.
+    """
+    contents = _weights_file_contents(path)
     # Keras warns about the parts it could not match before it raises: a file
     # that does not fit gets the one-line error alone.
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, tempfile.TemporaryDirectory() as tmp:
+        source = path
+        if contents and contents[1] and contents[2] in (None, _architecture_of(model)):
+            source = _extract_layer(path, contents[1], os.path.join(tmp, "twins.weights.h5"))
         try:
-            model.load_weights(path)
+            model.load_weights(source)
         except Exception as error:  # Keras raises several types; say which file.
             raise ValueError(_head_mismatch(error, path, classes) or
                              _other_architecture(path, model) or
@@ -66,6 +75,18 @@ def _load_keras_weights(model, path, classes):
     for warning in caught:
         warnings.warn_explicit(warning.message, warning.category, warning.filename,
                                warning.lineno, module=None)
+
+
+def _extract_layer(path, layer, destination):
+    """Writes the weights of one top-level layer of a Keras weights file as a
+    weights file of their own, which `load_weights` of that layer reads."""
+    import h5py
+
+    with h5py.File(_weights_of_keras_file(path) or path, "r") as f, \
+            h5py.File(destination, "w") as part:
+        for name, item in f["layers"][layer].items():
+            f.copy(item, part, name=name)
+    return destination
 
 
 def _head_mismatch(error, path, classes):
@@ -95,18 +116,14 @@ def _other_architecture(path, model):
     if contents is None:
         return None
     names, where, held = contents
-    if where == "" and held in (None, _architecture_of(model)):
-        return None
-    what = _describe(held)
-    if where == "":
-        return f"The weights file {path} holds the weights of {what}, not of {model.name}"
     if where is None:
         layers = f": none of its {len(names)} layers is a Twins or holds one" if names else ""
         return f"The weights file {path} holds no Twins model's weights{layers}"
-    # Keras names a file's layers by their class, not by the model's names for them.
-    return (f"The weights file {path} holds a larger model of {len(names)} layers, one of them "
-            f"{what}: build that model, load the file with its load_weights, and take the "
-            "Twins from it with get_layer")
+    if held in (None, _architecture_of(model)):
+        return None
+    inside = " (inside a larger model)" if where else ""
+    return (f"The weights file {path} holds the weights of {_describe(held)}{inside}, "
+            f"not of {model.name}")
 
 
 def _describe(architecture):
