@@ -58,30 +58,43 @@ def _load_keras_weights(model, path, classes):
     A file of a larger model that holds a Twins as one of its layers (a Twins
     under a new head, as fine-tuning builds it) gives that Twins' weights.
     """
+    try:
+        _load_with_its_warnings(model, path)
+        return
+    except Exception as error:  # Keras raises several types; say which file.
+        failure = error
     contents = _weights_file_contents(path)
-    # Keras warns about the parts it could not match before it raises: a file
-    # that does not fit gets the one-line error alone.
-    with warnings.catch_warnings(record=True) as caught, tempfile.TemporaryDirectory() as tmp:
-        source = path
-        if contents and contents[1] and contents[2] in (None, _architecture_of(model)):
-            source = _extract_layer(path, contents[1], os.path.join(tmp, "twins.weights.h5"))
-        try:
-            model.load_weights(source)
-        except Exception as error:  # Keras raises several types; say which file.
-            raise ValueError(_head_mismatch(error, path, classes) or
-                             _other_architecture(path, model) or
-                             f"Could not load the weights file {path} into {model.name}: "
-                             f"{_first_part(error)}") from None
+    if contents and contents[1] and contents[2] in (None, _architecture_of(model)):
+        with tempfile.TemporaryDirectory() as folder:
+            try:
+                _load_with_its_warnings(model, _extract_layer(path, contents[1], folder))
+                return
+            except Exception as error:
+                failure = error
+    raise ValueError(_head_mismatch(failure, path, classes) or
+                     _other_architecture(path, model, contents) or
+                     f"Could not load the weights file {path} into {model.name}: "
+                     f"{_first_part(failure)}") from None
+
+
+def _load_with_its_warnings(model, path):
+    """`model.load_weights(path)`, and Keras' warnings only if it loads: a
+    file that does not fit gets the one-line error alone, without Keras'
+    warnings about the parts it could not match."""
+    with warnings.catch_warnings(record=True) as caught:
+        model.load_weights(path)
     for warning in caught:
         warnings.warn_explicit(warning.message, warning.category, warning.filename,
                                warning.lineno, module=None)
 
 
-def _extract_layer(path, layer, destination):
-    """Writes the weights of one top-level layer of a Keras weights file as a
-    weights file of their own, which `load_weights` of that layer reads."""
+def _extract_layer(path, layer, folder):
+    """Writes the weights of one top-level layer of a Keras weights file into
+    `folder` as a weights file of their own, which that layer's
+    `load_weights` reads; returns its path."""
     import h5py
 
+    destination = os.path.join(folder, f"{layer}.weights.h5")
     with h5py.File(_weights_of_keras_file(path) or path, "r") as f, \
             h5py.File(destination, "w") as part:
         for name, item in f["layers"][layer].items():
@@ -107,12 +120,12 @@ def _head_mismatch(error, path, classes):
     return None
 
 
-def _other_architecture(path, model):
-    """What a Keras weights file that did not load holds, when it is not the
-    model's architecture: another Twins, a larger model with a Twins inside,
-    or no Twins at all; None otherwise. Keras' error named one layer that
-    did not fit, not what the file is."""
-    contents = _weights_file_contents(path)
+def _other_architecture(path, model, contents):
+    """What a Keras weights file that did not load holds (`contents`, from
+    `_weights_file_contents`), when it is not the model's architecture:
+    another Twins, a larger model with a Twins inside, or no Twins at all;
+    None otherwise. Keras' error named one layer that did not fit, not what
+    the file is."""
     if contents is None:
         return None
     names, where, held = contents
