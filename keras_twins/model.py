@@ -20,6 +20,7 @@ from keras_twins.layers import PatchEmbedding
 from keras_twins.layers import PositionalEncodingGenerator
 from keras_twins.layers import TransformerBlock
 from keras_twins.layers.layer_norm import onednn_inference_kernels
+from keras_twins.weights import fits_pyramid_norms
 from keras_twins.weights import load_weights
 
 # (x / 255 - mean) / std as one multiply-add.
@@ -133,7 +134,7 @@ def Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios,
             # inputs' structure differs from the model's.
             inputs = inputs[0]
     model = TwinsModel(inputs, x, name=name)
-    if weights is not None and pyramid_norm:
+    if weights is not None and pyramid_norm and not fits_pyramid_norms(weights):
         # The weights have no pyramid norms: load them into the same network
         # without, then copy layer by layer.
         plain = Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios, window_sizes,

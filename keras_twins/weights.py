@@ -1,5 +1,6 @@
 """Loads the `weights` argument of the constructors into a built model."""
 
+import collections
 import io
 import os
 import re
@@ -9,6 +10,14 @@ import zipfile
 
 # What `weights=` takes, besides "imagenet": Keras' files and PyTorch checkpoints.
 WEIGHTS_SUFFIXES = (".h5", ".keras", ".safetensors", ".pth", ".pt", ".bin")
+
+# What a Keras weights file holds (`_weights_file_contents`). names: its
+# top-level layers. where: "" for a Twins that is the file's model, the
+# file's name of a top-level layer for a Twins inside a larger model (the
+# snake-case name of its class), None for no Twins. architecture: as
+# `architecture_in_weights_file`, None where it cannot be told.
+# pyramid_norms: whether the Twins has them (`pyramid_norm=True`).
+_Contents = collections.namedtuple("_Contents", "names where architecture pyramid_norms")
 
 
 def load_weights(model, weights, variant, include_top, classes):
@@ -64,10 +73,10 @@ def _load_keras_weights(model, path, classes):
     except Exception as error:  # Keras raises several types; say which file.
         failure = error
     contents = _weights_file_contents(path)
-    if contents and contents[1] and contents[2] in (None, _architecture_of(model)):
+    if contents and contents.where and contents.architecture in (None, _architecture_of(model)):
         with tempfile.TemporaryDirectory() as folder:
             try:
-                _load_with_its_warnings(model, _extract_layer(path, contents[1], folder))
+                _load_with_its_warnings(model, _extract_layer(path, contents.where, folder))
                 return
             except Exception as error:
                 failure = error
@@ -128,15 +137,18 @@ def _other_architecture(path, model, contents):
     the file is."""
     if contents is None:
         return None
-    names, where, held = contents
-    if where is None:
+    if contents.where is None:
+        names = contents.names
         layers = f": none of its {len(names)} layers is a Twins or holds one" if names else ""
         return f"The weights file {path} holds no Twins model's weights{layers}"
-    if held in (None, _architecture_of(model)):
-        return None
-    inside = " (inside a larger model)" if where else ""
-    return (f"The weights file {path} holds the weights of {_describe(held)}{inside}, "
-            f"not of {model.name}")
+    if contents.architecture not in (None, _architecture_of(model)):
+        inside = " (inside a larger model)" if contents.where else ""
+        return (f"The weights file {path} holds the weights of "
+                f"{_describe(contents.architecture)}{inside}, not of {model.name}")
+    if contents.pyramid_norms and not _has_pyramid_norms(model):
+        return (f"The weights file {path} holds pyramid norms (its model was built with "
+                "pyramid_norm=True); pass `pyramid_norm=True`")
+    return None
 
 
 def _describe(architecture):
@@ -180,31 +192,51 @@ def architecture_in_weights_file(path):
     for any other file, a Twins inside a larger model, or stages of equal
     widths (whose blocks cannot be told apart)."""
     contents = _weights_file_contents(path)
-    return contents[2] if contents and contents[1] == "" else None
+    return contents.architecture if contents and contents.where == "" else None
+
+
+def fits_pyramid_norms(weights):
+    """Whether `weights` load straight into a model built with
+    `pyramid_norm=True`: a Keras file of such a model, or a PyTorch checkpoint
+    (a detection or segmentation backbone's holds the norms, and in another's
+    they are left at their identity start). ImageNet weights and other Keras
+    files load into the model without them."""
+    if weights == "imagenet":
+        return False
+    path = os.fspath(weights)
+    if not path.endswith((".h5", ".keras")):
+        return True
+    contents = _weights_file_contents(path)
+    return bool(contents and contents.pyramid_norms)
+
+
+def _has_pyramid_norms(model):
+    return any(layer.name.startswith("pyramid_norm_") for layer in model._flatten_layers())
 
 
 def _weights_file_contents(path):
-    """(names of the top-level layers, where the Twins is, its architecture)
-    in a Keras weights file. Where: "" for the file's model itself, the
-    file's name of a top-level layer for a Twins inside a larger model (the
-    snake-case name of its class), None for no Twins. The architecture is
-    None where it cannot be told. None for a file that is not a Keras weights
-    file."""
+    """What a Keras weights file holds, as `_Contents`; None for a file that
+    is not one."""
     import h5py
+
+    def twins(where, layers):
+        # The final norm is one LayerNorm; pyramid norms add one per stage.
+        return _Contents(names, where, _architecture_of_layers(layers),
+                         len(_numbered(layers, "layer_norm")) > 1)
 
     try:
         with h5py.File(_weights_of_keras_file(path) or path, "r") as f:
             if not isinstance(f.get("layers"), h5py.Group):  # another library's, or Keras 2's
-                return [], None, None
+                return _Contents([], None, None, False)
             layers = f["layers"]
             names = list(layers)
             if _is_twins(layers):
-                return names, "", _architecture_of_layers(layers)
+                return twins("", layers)
             for name in names:
                 inner = layers[name].get("layers") if isinstance(layers[name], h5py.Group) else None
                 if isinstance(inner, h5py.Group) and _is_twins(inner):
-                    return names, name, _architecture_of_layers(inner)
-            return names, None, None
+                    return twins(name, inner)
+            return _Contents(names, None, None, False)
     except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile):
         return None
 

@@ -10,8 +10,10 @@ import pytest
 import safetensors.numpy
 import torch
 
-from conftest import TINY
+import keras
 import keras_twins
+from conftest import TINY
+from conftest import max_error_within_tolerance
 from weights_convert import ConversionError
 from weights_convert import read_checkpoint
 
@@ -306,3 +308,64 @@ def test_written_files_get_the_permissions_of_any_new_file(random_reference, tmp
     modes = {path.name: oct(path.stat().st_mode & 0o777) for path in tmp_path.iterdir()}
     assert modes == {name: oct(0o640) for name in ("svt.weights.h5", "model.keras",
                                                    "labels.txt")}
+
+
+def _official_dense_prediction_pyramid(model, norms, images):
+    """The stage maps of the official SVT detection / segmentation backbone
+    (`segmentation/gvt.py`, `extra_norm=True`), from timm's modules: each
+    stage's tokens go through `norm_list[i]`, and the normed map feeds the
+    next stage."""
+    x, maps = images, []
+    for embed, drop, blocks, peg, norm in zip(model.patch_embeds, model.pos_drops, model.blocks,
+                                              model.pos_block, norms):
+        x, size = embed(x)
+        x = drop(x)
+        for j, block in enumerate(blocks):
+            x = block(x, size)
+            if j == 0:
+                x = peg(x, size)
+        x = norm(x).reshape(x.shape[0], *size, -1)
+        maps.append(x.numpy())
+        x = x.permute(0, 3, 1, 2).contiguous()
+    return maps
+
+
+def test_a_segmentation_checkpoint_gives_its_backbone_with_its_pyramid_norms(
+        random_reference, tmp_path):
+    reference, _ = random_reference(VARIANT)
+    torch.manual_seed(5)
+    norms = torch.nn.ModuleList(torch.nn.LayerNorm(dim, eps=1e-6) for dim in (64, 128, 256, 512))
+    with torch.no_grad():
+        for parameter in norms.parameters():
+            parameter.copy_(torch.randn_like(parameter) * 0.5 + 1.0)
+    # As mmsegmentation saves it: the backbone (with the unused head it keeps), the
+    # neck and the decode head, under "state_dict" beside the run's metadata.
+    weights = {f"backbone.{k}": v for k, v in reference.state_dict().items()}
+    weights.update({f"backbone.norm_list.{k}": v for k, v in norms.state_dict().items()})
+    weights["neck.lateral_convs.0.conv.weight"] = torch.zeros(256, 64, 1, 1)
+    weights["decode_head.conv_seg.weight"] = torch.zeros(150, 128, 1, 1)
+    path = tmp_path / "upernet_svt_small.pth"
+    torch.save({"meta": {"CLASSES": ("wall", "floor"), "iter": 160000},
+                "state_dict": weights, "optimizer": {"state": {}}}, path)
+
+    images = np.random.default_rng(6).uniform(0, 255, (1, 96, 128, 3)).astype("float32")
+    normalized = (images / 255 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    with torch.no_grad():
+        expected = _official_dense_prediction_pyramid(
+            reference, norms, torch.from_numpy(normalized.transpose(0, 3, 1, 2)).float())
+    output = tmp_path / "backbone.weights.h5"
+    result = run_cli(path, "--output", output)
+    assert result.returncode == 0, result.stderr
+    assert "no head, pyramid norms (load with pyramid_norm=True)" in result.stdout
+    for weights_file in (path, output):
+        backbone = keras_twins.TwinsSVTSmall(include_top=False, pyramid_norm=True,
+                                             weights=str(weights_file),
+                                             input_shape=(None, None, 3))
+        pyramid = keras.Model(backbone.inputs, backbone.pyramid_outputs).predict(
+            images, verbose=0)
+        for level, reference_map in zip(("P2", "P3", "P4", "P5"), expected):
+            within, error, bound = max_error_within_tolerance(pyramid[level], reference_map)
+            assert within, (weights_file.name, level, error, bound)
+        # Without the norms the model is another network: refused, not loaded in part.
+        with pytest.raises((ValueError, ConversionError), match="pyramid_norm=True"):
+            keras_twins.TwinsSVTSmall(include_top=False, weights=str(weights_file))

@@ -3,6 +3,8 @@
 Parity of P2..P5 with timm's forward_intermediates is in test_parity.py.
 """
 
+import re
+
 import numpy as np
 import pytest
 
@@ -48,6 +50,21 @@ def test_pyramid_norm_adds_a_norm_per_stage_and_keeps_loaded_weights(tmp_path):
     for level, feature_map in extractor.predict(images, verbose=0).items():
         np.testing.assert_allclose(feature_map.mean(-1), 0.0, atol=1e-4, err_msg=level)
         np.testing.assert_allclose(feature_map.std(-1), 1.0, atol=1e-2, err_msg=level)
+
+    # A fine-tuned backbone's weights, norms included, load back into one with norms.
+    for name in names:
+        normed.get_layer(name).set_weights([w + 0.5 for w in normed.get_layer(name).get_weights()])
+    for suffix in (".weights.h5", ".keras"):
+        saved = str(tmp_path / f"normed{suffix}")
+        normed.save_weights(saved) if suffix == ".weights.h5" else normed.save(saved)
+        reloaded = keras_twins.Twins(**TINY, include_top=False, input_shape=(64, 96, 3),
+                                     weights=saved, pyramid_norm=True)
+        for a, b in zip(reloaded.weights, normed.weights, strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=saved)
+        with pytest.raises(ValueError, match="^" + re.escape(
+                f"The weights file {saved} holds pyramid norms (its model was built with "
+                "pyramid_norm=True); pass `pyramid_norm=True`") + "$"):
+            keras_twins.Twins(**TINY, include_top=False, weights=saved)
 
 
 def test_pyramid_outputs_are_found_again_after_saving(tmp_path):

@@ -29,11 +29,14 @@ def main(argv=None, prog="python -m weights_convert"):
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    head = model.get_layer("head").units if "head" in [l.name for l in model.layers] else None
+    names = [layer.name for layer in model.layers]
+    head = model.get_layer("head").units if "head" in names else None
     print(
         f"{args.source} -> {args.output}: {model.name}, "
         f"{model.count_params():,} parameters, "
         + (f"{head} classes" if head else "no head")
+        # the per-stage norms of a detection or segmentation backbone
+        + (", pyramid norms (load with pyramid_norm=True)" if "pyramid_norm_0" in names else "")
     )
     return 0
 

@@ -21,6 +21,8 @@ PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 # main.py ("model", "model_ema"). The EMA copy is used when it is the only one.
 _WRAPPERS = ("model", "state_dict", "state_dict_ema", "model_ema")
 SAFETENSORS_SUFFIX = ".safetensors"
+# The keys that make a state dict a Twins': its stage modules.
+TWINS_KEYS = ("patch_embeds.", "blocks.")
 
 _SAFETENSORS_DTYPES = {
     "F64": np.float64,
@@ -36,7 +38,10 @@ def read_checkpoint(path):
     Training checkpoints are unwrapped: `{"model": ...}` or `{"state_dict":
     ...}`, else the EMA weights (`"state_dict_ema"`, `"model_ema"`), beside
     an optimizer state and the training script's `argparse.Namespace`. A
-    DistributedDataParallel `module.` prefix is removed.
+    DistributedDataParallel `module.` prefix is removed. Of a detection or
+    segmentation checkpoint, the backbone's weights are kept: an SVT's
+    per-stage norms (`norm_list.*`) are the pyramid norms of
+    `keras_twins.Twins(pyramid_norm=True)`.
 
     Raises:
         ConversionError: the file is missing, truncated, not a checkpoint, or
@@ -58,7 +63,21 @@ def read_checkpoint(path):
         raise ConversionError(f"{path}: the checkpoint holds no tensors")
     if all(key.startswith("module.") for key in state_dict):
         state_dict = {key[len("module."):]: value for key, value in state_dict.items()}
-    return state_dict
+    return _backbone_of(state_dict)
+
+
+def _backbone_of(state_dict):
+    """The backbone of a detection or segmentation checkpoint (the official
+    repository's, mmdetection's, mmsegmentation's: `backbone.blocks.0.0...`),
+    without the prefix and without the classification head that those
+    backbones keep unused; any other state dict as it is."""
+    prefix = "backbone."
+    if any(key.startswith(TWINS_KEYS) for key in state_dict) or not any(
+            key.startswith(prefix) and key[len(prefix):].startswith(TWINS_KEYS)
+            for key in state_dict):
+        return state_dict
+    return {key[len(prefix):]: value for key, value in state_dict.items()
+            if key.startswith(prefix) and not key.startswith(prefix + "head.")}
 
 
 def read_safetensors_header(path):

@@ -5,6 +5,7 @@ import os
 from weights_convert.checkpoint import read_checkpoint
 from weights_convert.errors import ConversionError
 from weights_convert.mapping import HEAD_KEYS
+from weights_convert.mapping import PYRAMID_NORM_KEYS
 from weights_convert.mapping import assign_state_dict
 
 KERAS_WEIGHTS_SUFFIX = ".weights.h5"
@@ -79,8 +80,9 @@ def build_model_for(state_dict, variant=None, source="checkpoint"):
     head = [state_dict[key] for key in HEAD_KEYS if key in state_dict]
     include_top = bool(head)
     classes = head[0].shape[0] if include_top else 1000
+    pyramid_norm = any(key.startswith(PYRAMID_NORM_KEYS) for key in state_dict)
     model = Twins(**config, include_top=include_top, classes=classes,
-                  input_shape=(None, None, 3), name=variant)
+                  input_shape=(None, None, 3), pyramid_norm=pyramid_norm, name=variant)
     assign_state_dict(model, state_dict, source, include_top=include_top)
     return model
 

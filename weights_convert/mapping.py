@@ -18,7 +18,10 @@ _INDEXED_SEGMENTS = (
     (re.compile(r"^stage_(\d+)_block_(\d+)$"), r"blocks.\1.\2"),
     # the reference wraps its PEG convolution in nn.Sequential: `proj.0`
     (re.compile(r"^pos_encoding_(\d+)$"), r"pos_block.\1.proj.0"),
+    # the official SVT detection / segmentation backbones' per-stage norms
+    (re.compile(r"^pyramid_norm_(\d+)$"), r"norm_list.\1"),
 )
+PYRAMID_NORM_KEYS = "norm_list."
 _RENAMED_SEGMENTS = {
     "attention": "attn",
     "projection": "proj",
@@ -61,7 +64,9 @@ def assign_state_dict(model, state_dict, source, include_top=True):
     """Assigns reference weights to `model`, strictly.
 
     Every Keras weight must be found, and every checkpoint tensor used
-    (the head's tensors are skipped when `include_top` is False). Nothing is
+    (the head's tensors are skipped when `include_top` is False). The one
+    exception: pyramid norms (`pyramid_norm=True`) that the checkpoint has
+    none of keep their identity start, as for ImageNet weights. Nothing is
     assigned unless everything fits.
 
     Raises:
@@ -71,6 +76,9 @@ def assign_state_dict(model, state_dict, source, include_top=True):
     available = set(state_dict)
     if not include_top:
         available -= set(HEAD_KEYS)
+    if not any(key.startswith(PYRAMID_NORM_KEYS) for key in available):
+        expected = {key: v for key, v in expected.items()
+                    if not key.startswith(PYRAMID_NORM_KEYS)}
     missing = sorted(set(expected) - available)
     if missing:
         raise ConversionError(
@@ -79,6 +87,12 @@ def assign_state_dict(model, state_dict, source, include_top=True):
             + "; is it a checkpoint of another variant?"
         )
     unexpected = sorted(available - set(expected))
+    if any(key.startswith(PYRAMID_NORM_KEYS) for key in unexpected):
+        raise ConversionError(
+            f"{source}: holds the per-stage norms of a detection or segmentation backbone "
+            f"({PYRAMID_NORM_KEYS}*), which {model.name} lacks; build it with "
+            "pyramid_norm=True"
+        )
     if unexpected:
         raise ConversionError(
             f"{source}: unexpected key {unexpected[0]!r} for {model.name}"
