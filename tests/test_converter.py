@@ -332,7 +332,13 @@ def _official_dense_prediction_pyramid(model, norms, images):
 
 def test_a_segmentation_checkpoint_gives_its_backbone_with_its_pyramid_norms(
         random_reference, tmp_path):
-    reference, _ = random_reference(VARIANT)
+    reference, directory = random_reference(VARIANT)
+    # An ImageNet checkpoint has no pyramid norms: they keep their identity start.
+    started = keras_twins.TwinsSVTSmall(include_top=False, pyramid_norm=True,
+                                        weights=str(directory / "model.safetensors"))
+    np.testing.assert_array_equal(started.get_layer("pyramid_norm_2").gamma.numpy(), 1.0)
+    np.testing.assert_array_equal(started.get_layer("norm").gamma.numpy(),
+                                  reference.norm.weight.detach().numpy())
     torch.manual_seed(5)
     norms = torch.nn.ModuleList(torch.nn.LayerNorm(dim, eps=1e-6) for dim in (64, 128, 256, 512))
     with torch.no_grad():
