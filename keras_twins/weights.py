@@ -138,9 +138,10 @@ def _other_architecture(path, model, contents):
     if contents is None:
         return None
     if contents.where is None:
-        names = contents.names
-        layers = f": none of its {len(names)} layers is a Twins or holds one" if names else ""
-        return f"The weights file {path} holds no Twins model's weights{layers}"
+        if not contents.names:
+            return f"The weights file {path} holds no Keras model's weights"
+        return (f"The weights file {path} holds no Twins model's weights: none of its "
+                f"{len(contents.names)} layers is a Twins or holds one")
     if contents.architecture not in (None, _architecture_of(model)):
         inside = " (inside a larger model)" if contents.where else ""
         return (f"The weights file {path} holds the weights of "
@@ -226,7 +227,9 @@ def _weights_file_contents(path):
 
     try:
         with h5py.File(_weights_of_keras_file(path) or path, "r") as f:
-            if not isinstance(f.get("layers"), h5py.Group):  # another library's, or Keras 2's
+            if "layer_names" in f.attrs or "model_weights" in f:
+                return None  # Keras 2's layout, which load_weights matches by layer order
+            if not isinstance(f.get("layers"), h5py.Group):  # another library's file
                 return _Contents([], None, None, False)
             layers = f["layers"]
             names = list(layers)

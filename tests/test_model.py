@@ -206,6 +206,15 @@ def test_the_weights_of_a_larger_model_give_its_twins_and_files_of_none_are_name
                      ).save_weights(tmp_path / "dense.weights.h5")
     with h5py.File(tmp_path / "plain.h5", "w") as f:
         f.create_dataset("x", data=np.zeros(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Keras' word that the format is legacy
+        backbone.save(tmp_path / "legacy.h5")  # Keras 2's layout, matched by layer order
+    legacy = keras_twins.Twins(**TINY, include_top=False, pooling="avg",
+                               weights=str(tmp_path / "legacy.h5"))
+    for a, b in zip(legacy.weights, backbone.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    with pytest.raises(ValueError, match="^Could not load the weights file .*legacy.h5"):
+        keras_twins.Twins(**TINY_PCPVT, include_top=False, weights=str(tmp_path / "legacy.h5"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         # Keras said "A total of 53 objects could not be loaded", naming the final norm.
@@ -228,11 +237,12 @@ def test_the_weights_of_a_larger_model_give_its_twins_and_files_of_none_are_name
                 "weights: none of its 2 layers is a Twins or holds one") + "$"):
             keras_twins.Twins(**TINY, weights=str(tmp_path / "dense.weights.h5"))
         with pytest.raises(ValueError, match="^" + re.escape(
-                f"The weights file {tmp_path / 'plain.h5'} holds no Twins model's weights") + "$"):
+                f"The weights file {tmp_path / 'plain.h5'} holds no Keras model's weights") + "$"):
             keras_twins.Twins(**TINY, weights=str(tmp_path / "plain.h5"))
     assert [str(warning.message) for warning in caught] == []
     assert sorted(os.listdir(tmp_path)) == ["dense.weights.h5", "finetuned.keras",
-                                            "finetuned.weights.h5", "plain.h5", "seq.weights.h5"]
+                                            "finetuned.weights.h5", "legacy.h5", "plain.h5",
+                                            "seq.weights.h5"]
 
 
 def test_include_preprocessing_false_takes_normalized_input():
