@@ -37,6 +37,9 @@ with native_stderr_silenced() if _imported_by_the_command() else contextlib.null
     from keras_twins.images import load_image
     from keras_twins.cpu_streams import use_cpu_streams
     from keras_twins.variants import VARIANTS
+    from keras_twins.onnx_ops import register_erfc
+
+    register_erfc()  # so that Keras' own model.export(format="onnx") converts the GELU
 
 __version__ = "0.1.0"
 

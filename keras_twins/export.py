@@ -472,10 +472,9 @@ def _write_onnx(function, spec, path):
     import tf2onnx
 
     def convert():
-        return tf2onnx.convert.from_function(
-            function, input_signature=[spec], opset=ONNX_OPSET,
-            custom_op_handlers={"Erfc": (_erfc_as_one_minus_erf, [])},
-        )[0]
+        # TensorFlow's Erfc converts through keras_twins.onnx_ops, registered on import.
+        return tf2onnx.convert.from_function(function, input_signature=[spec],
+                                             opset=ONNX_OPSET)[0]
 
     try:
         # tf2onnx copies the whole graph before each of its optimizers, 36
@@ -568,21 +567,6 @@ def _environment_variable(name, value):
             del os.environ[name]
         else:
             os.environ[name] = before
-
-
-def _erfc_as_one_minus_erf(ctx, node, name, args):
-    """tf2onnx maps TensorFlow's Erfc (used by the exact GELU) to no ONNX op.
-
-    erfc(x) = 1 - erf(x) with ONNX's Erf keeps the Keras numerics.
-    """
-    from tf2onnx import utils
-
-    node.type = "Erf"
-    one = ctx.make_const(utils.make_name(f"{name}_one"), np.array(1.0, np.float32))
-    difference = ctx.insert_new_node_on_output("Sub", node.output[0],
-                                               name=utils.make_name(f"{name}_erfc"))
-    ctx.replace_inputs(difference, [one.output[0], node.output[0]])
-    return node
 
 
 def class_names(model, model_file=None):

@@ -260,6 +260,29 @@ def test_saved_model_and_onnx_take_any_batch_with_batch_size_none(tmp_path):
     assert not (tmp_path / "any.tflite").exists()
 
 
+# Keras' own tf2onnx patch tests for np.object, which NumPy 2 warns about.
+@pytest.mark.filterwarnings("ignore:In the future `np.object`:FutureWarning")
+def test_keras_own_onnx_export_converts_the_gelu(tmp_path):
+    """Keras' `model.export(format="onnx")` wrote a file that onnxruntime
+    refused: tf2onnx maps the exact GELU's Erfc to no ONNX op. keras_twins
+    registers the conversion on import, for a Twins under a new head too."""
+    import onnxruntime
+
+    twins = keras_twins.Twins(**TINY, input_shape=(64, 64, 3), classes=5)
+    backbone = keras_twins.Twins(**TINY_PCPVT, include_top=False, pooling="avg",
+                                 input_shape=(64, 64, 3))
+    inputs = keras.Input((64, 64, 3))
+    finetuned = keras.Model(inputs, keras.layers.Dense(3)(backbone(inputs)))
+    images = np.random.default_rng(8).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
+    for name, model in (("twins", twins), ("finetuned", finetuned)):
+        expected = model.predict(images, verbose=0)  # Keras exports only a model called once
+        path = str(tmp_path / f"{name}.onnx")
+        model.export(path, format="onnx", verbose=False)
+        session = onnxruntime.InferenceSession(path)
+        output = session.run(None, {session.get_inputs()[0].name: images})[0]
+        assert np.abs(output - expected).max() <= 1e-5, name
+
+
 def test_logits_output(tmp_path):
     model = keras_twins.Twins(**TINY_PCPVT, classes=10)
     images = np.random.default_rng(3).uniform(0, 255, (2, 224, 224, 3)).astype(np.float32)
