@@ -30,7 +30,14 @@ from weights_convert.console import quiet_library_chatter
 
 
 class CommandError(Exception):
-    """Bad input from the command line; printed as one line, exit status 1."""
+    """Bad input from the command line; printed as one line, exit status 1.
+
+    `output`: what the command did compute, printed to stdout before the error.
+    """
+
+    def __init__(self, message, output=None):
+        super().__init__(message)
+        self.output = output
 
 
 def main(argv=None):
@@ -146,6 +153,8 @@ def main(argv=None):
             else:
                 output = _info()
     except CommandError as error:
+        if error.output:
+            print(error.output)
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(output)
@@ -183,8 +192,8 @@ def _predict(args):
     size = variants.DEFAULT_IMAGE_SIZE if None in size else size
     with _warnings_shown(LabelsWarning):
         names = class_names(model, args.model if _is_keras_file(args.model) else None)
-    results = []
-    for path, row in _predicted(model, args.images, size, load_image):
+    results, unreadable = [], []
+    for path, row in _predicted(model, args.images, size, load_image, unreadable):
         if outputs == "logits":  # a head without softmax (classifier_activation=None)
             row = np.exp(row - row.max())
             row /= row.sum()
@@ -198,20 +207,40 @@ def _predict(args):
             ],
         })
     if args.json:
-        return json.dumps(results, indent=2)
-    lines = []
-    for result in results:
-        lines.append(result["image"])
-        for p in result["predictions"]:
-            lines.append(f"  {p['rank']}. {p['label']:<32} {p['probability']:.4f}  "
-                         f"(class {p['class_id']})")
-    return "\n".join(lines)
+        output = json.dumps(results, indent=2)
+    else:
+        lines = []
+        for result in results:
+            lines.append(result["image"])
+            for p in result["predictions"]:
+                lines.append(f"  {p['rank']}. {p['label']:<32} {p['probability']:.4f}  "
+                             f"(class {p['class_id']})")
+        output = "\n".join(lines)
+    if unreadable:
+        # The other images are classified: one damaged photo in a folder of
+        # thousands ended the command, when found, with nothing printed.
+        raise CommandError(_unreadable_images(unreadable, len(args.images)),
+                           output=output if results else None)
+    return output
 
 
-def _predicted(model, paths, size, load_image, chunk=32):
+def _unreadable_images(unreadable, total):
+    """One line for the images that could not be read: the first in full, then names."""
+    line = unreadable[0][1]
+    others = [path for path, _ in unreadable[1:]]
+    if others:
+        names = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        line = (f"{len(unreadable)} of {total} images could not be read, and were left out: "
+                f"{line}; also {names}")
+    return line
+
+
+def _predicted(model, paths, size, load_image, unreadable, chunk=32):
     """`(path, probabilities)` for each image, loading `chunk` images at a time.
 
     All at once, a shell glob of 10,000 photos took 6 GB of decoded pixels.
+    An image that cannot be read is left out, and `(path, one-line reason)`
+    appended to `unreadable`.
     """
     import keras
 
@@ -220,19 +249,21 @@ def _predicted(model, paths, size, load_image, chunk=32):
 
     normalize = not takes_pixels(model)  # a Twins model built with include_preprocessing=False
     for start in range(0, len(paths), chunk):
-        images = []
+        images, read = [], []
         for path in paths[start:start + chunk]:
             try:
                 images.append(load_image(path, size))
+                read.append(path)
             except (OSError, ValueError) as error:
                 # Pillow's message names the file too: once is enough.
                 reason = _one_line(error).replace(f"{path}: ", "").replace(f" '{path}'", "")
-                raise CommandError(f"{path}: cannot read the image ({reason})") from None
+                unreadable.append((path, f"{path}: cannot read the image ({reason})"))
+        if not images:
+            continue
         images = np.stack(images)
         if normalize:
             images = keras.ops.convert_to_numpy(normalized(images))
-        yield from zip(paths[start:start + chunk],
-                       model.predict(images, batch_size=chunk, verbose=0))
+        yield from zip(read, model.predict(images, batch_size=chunk, verbose=0))
 
 
 def _is_keras_file(model):

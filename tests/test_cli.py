@@ -104,6 +104,22 @@ def test_predict_failures_are_one_line(photos, checkpoint, tmp_path, random_refe
     result = keras_twins_in_process(capfd, "predict", not_an_image, "--weights", checkpoint)
     assert_clean_failure(result, "text.png: cannot read the image")
     assert result.stderr.count("text.png") == 1, result.stderr  # Pillow's message named it too
+    assert result.stdout == ""
+    # Among readable images, those are classified and the unreadable ones named
+    # (one damaged photo among thousands ended the command with nothing printed).
+    (tmp_path / "cut.jpg").write_bytes(photos[0].read_bytes()[:20])
+    for json_flag in ((), ("--json",)):
+        result = keras_twins_in_process(capfd, "predict", photos[0], not_an_image, photos[1],
+                                        tmp_path / "cut.jpg", "--weights", checkpoint,
+                                        "--top", "1", *json_flag)
+        assert_clean_failure(result, "2 of 4 images could not be read, and were left out: "
+                             f"{not_an_image}: cannot read the image (",
+                             f"; also {tmp_path / 'cut.jpg'}")
+        if json_flag:
+            assert [entry["image"] for entry in json.loads(result.stdout)] == [
+                str(photos[0]), str(photos[1])]
+        else:
+            assert result.stdout.splitlines()[::2] == [str(photos[0]), str(photos[1])]
     # A folder was "no such image file".
     assert_clean_failure(keras_twins_in_process(capfd, "predict", tmp_path, "--weights",
                                                 checkpoint),
