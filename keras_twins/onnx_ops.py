@@ -3,16 +3,23 @@
 The exact GELU of every Twins MLP computes `Erfc` in TensorFlow, and
 tf2onnx 1.17 maps it to no ONNX op: Keras' own `model.export(format="onnx")`
 wrote a file that onnxruntime refused ("No Op registered for Erfc"). Importing
-keras_twins registers the conversion in tf2onnx's table of op handlers, its
-documented way to add one, so that Keras' export works too, for a Twins under
-a new head as well; `keras_twins.export` relies on the same entry.
+keras_twins on Keras' TensorFlow backend registers the conversion in
+tf2onnx's table of op handlers, its documented way to add one, so that
+Keras' export works too, for a Twins under a new head as well;
+`keras_twins.export` relies on the same entry.
 """
 
 import numpy as np
 
 
 def register_erfc():
-    """Adds the conversion to tf2onnx's handlers; False where tf2onnx is not installed."""
+    """Adds the conversion to tf2onnx's handlers; False where tf2onnx is not
+    installed, or Keras runs on another backend than TensorFlow (which
+    tf2onnx would import)."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return False
     try:
         from tf2onnx import handler
     except ImportError:

@@ -387,9 +387,12 @@ def test_adamw_and_the_recipe_train_on_keras_torch_backend(tmp_path):
     script = tmp_path / "torch_backend.py"
     script.write_text(f"""
 import json
+import sys
 import keras
 import numpy as np
 import keras_twins
+# Nothing in the package import needs TensorFlow on this backend (tf2onnx would import it).
+assert "tensorflow" not in sys.modules
 from keras_twins import training
 assert keras.backend.backend() == "torch"
 rng = np.random.default_rng(7)
