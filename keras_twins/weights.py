@@ -220,7 +220,7 @@ def _weights_file_contents(path):
     is not one."""
     import h5py
 
-    def twins(where, layers):
+    def twins(names, where, layers):
         # The final norm is one LayerNorm; pyramid norms add one per stage.
         return _Contents(names, where, _architecture_of_layers(layers),
                          len(_numbered(layers, "layer_norm")) > 1)
@@ -234,11 +234,11 @@ def _weights_file_contents(path):
             layers = f["layers"]
             names = list(layers)
             if _is_twins(layers):
-                return twins("", layers)
+                return twins(names, "", layers)
             for name in names:
                 inner = layers[name].get("layers") if isinstance(layers[name], h5py.Group) else None
                 if isinstance(inner, h5py.Group) and _is_twins(inner):
-                    return twins(name, inner)
+                    return twins(names, name, inner)
             return _Contents(names, None, None, False)
     except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile):
         return None
