@@ -219,14 +219,18 @@ class ImageModel(keras.Model):
         their shapes are known before a step runs; a classifier's labels are
         checked as the step runs (`_step_errors_named`)."""
 
-    def train_step(self, data):
-        return super().train_step(_checked_as_it_runs(self, data))
+    # The data is a step's last argument: on JAX, the trainer's state comes first.
+    def train_step(self, *args):
+        return super().train_step(*args[:-1], self._checked_as_it_runs(args[-1]))
 
-    def test_step(self, data):
-        return super().test_step(_checked_as_it_runs(self, data))
+    def test_step(self, *args):
+        return super().test_step(*args[:-1], self._checked_as_it_runs(args[-1]))
 
-    def predict_step(self, data):
-        return super().predict_step(_checked_as_it_runs(self, data))
+    def predict_step(self, *args):
+        return super().predict_step(*args[:-1], self._checked_as_it_runs(args[-1]))
+
+    def _checked_as_it_runs(self, data):
+        return _checked_as_it_runs(self, data)
 
 
 @keras.saving.register_keras_serializable(package="keras_twins")

@@ -74,23 +74,18 @@ class SegmentationModel(ImageModel):
             raise ValueError(f"{self._masks_take()} Received: masks.shape={masks} for "
                              f"images.shape={images}")
 
-    def train_step(self, data):
-        return super().train_step(self._masks_checked_as_they_run(data))
-
-    def test_step(self, data):
-        return super().test_step(self._masks_checked_as_they_run(data))
-
     def _masks_take(self):
         return (f"`{self.name}` classifies each pixel: its masks are (batch, height, width) "
                 "class indices, of the same height and width as the images.")
 
-    def _masks_checked_as_they_run(self, data):
-        """The masks of images whose size is known only as the step runs (a
-        pipeline of images of any size), checked then: a mask of another size
-        failed in the loss with the graph's trace. `ImageModel` words the
-        failed assertion."""
+    def _checked_as_it_runs(self, data):
+        """The images, and the masks of images whose size is known only as the
+        step runs (a pipeline of images of any size), checked then: a mask of
+        another size failed in the loss with the graph's trace. `ImageModel`
+        words the failed assertion."""
         import tensorflow as tf
 
+        data = super()._checked_as_it_runs(data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if not (isinstance(x, tf.Tensor) and isinstance(y, tf.Tensor)
                 and x.shape.rank == 4 and y.shape.rank in (3, 4)):
