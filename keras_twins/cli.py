@@ -110,7 +110,8 @@ def main(argv=None):
     train.add_argument("--strategy", default="auto",
                        help="auto, one_device, mirrored, multi_worker or tpu")
     train.add_argument("--tpu", help="TPU name or address (--strategy tpu)")
-    train.add_argument("--jit-compile", action="store_true", help="compile steps with XLA")
+    train.add_argument("--jit-compile", action="store_true",
+                       help="compile steps with XLA (on JAX, they are by default)")
     train.add_argument("--cpu-streams", action="store_true",
                        help="CPU only: run each batch as one slice per core (faster)")
     train.add_argument("--mixed-precision", default="none", help="none, float16 or bfloat16")
@@ -442,7 +443,7 @@ def _train(args):
                 augment=args.augment, learning_rate=args.learning_rate,
                 weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                 drop_path_rate=args.drop_path_rate, label_smoothing=args.label_smoothing,
-                strategy=args.strategy, tpu=args.tpu, jit_compile=args.jit_compile,
+                strategy=args.strategy, tpu=args.tpu, jit_compile=args.jit_compile or "auto",
                 mixed_precision=args.mixed_precision, backup_dir=args.backup_dir,
                 backup_freq=backup_freq, resume=args.resume, seed=args.seed,
                 cache=args.cache, deterministic=args.deterministic,

@@ -93,6 +93,12 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
     """
     if not isinstance(model, keras.Model):
         raise ExportError(f"`model` must be a Keras model. Received: {type(model).__name__}")
+    if (backend := keras.backend.backend()) != "tensorflow":
+        # The model is traced into a TensorFlow graph, which another backend's
+        # layers do not build: it failed deep in the trace.
+        raise ExportError(f"export traces the model with TensorFlow, and Keras runs on "
+                          f"{backend!r}: export in a process with KERAS_BACKEND=tensorflow "
+                          "(a .keras file or weights saved here load there)")
     if problem := image_input_problem(model):
         raise ExportError(f"`model` is {problem}")
     if not isinstance(path, (str, os.PathLike)):

@@ -202,8 +202,15 @@ def make_optimizer(model, learning_rate, weight_decay=0.05, clipnorm=5.0):
     return optimizer
 
 
-def compile_for_training(model, optimizer, label_smoothing=0.1, jit_compile=False):
-    """Soft-label cross-entropy (MixUp and CutMix mix one-hot labels), top-1, top-5."""
+def compile_for_training(model, optimizer, label_smoothing=0.1, jit_compile="auto"):
+    """Soft-label cross-entropy (MixUp and CutMix mix one-hot labels), top-1, top-5.
+
+    `jit_compile="auto"` compiles the steps with XLA on JAX, as Keras does
+    there (uncompiled, a step of a small Twins took 16x as long), and not on
+    TensorFlow, where XLA made a CPU training step slower, nor on torch.
+    """
+    if jit_compile == "auto" and keras.backend.backend() == "tensorflow":
+        jit_compile = False
     classes = model.output_shape[-1]
     model.compile(
         optimizer=optimizer,
@@ -364,21 +371,27 @@ def make_strategy(name="auto", tpu=None):
 
     `auto` picks TPU when `tpu` is given, multi-worker when `TF_CONFIG` lists
     more than one worker, mirrored over several local GPUs, else one device.
-    `mirrored` without GPUs mirrors over the logical CPUs.
+    `mirrored` without GPUs mirrors over the logical CPUs. On Keras' other
+    backends, whose models tf.distribute does not place, `auto` and
+    `one_device` give TensorFlow's default strategy (no distribution), and
+    the others are refused.
     """
     if name not in STRATEGIES:
         raise TrainingError(f"strategy must be one of {', '.join(STRATEGIES)}. "
                             f"Received: strategy={name!r}")
+    if name == "auto" and (tpu or _tf_config_workers() > 1):
+        name = "tpu" if tpu else "multi_worker"
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        if name in ("auto", "one_device"):
+            return tf.distribute.get_strategy()
+        raise TrainingError(f"strategy {name!r} is TensorFlow's tf.distribute, and Keras runs "
+                            f"on {backend!r}, whose models it does not distribute: train with "
+                            "KERAS_BACKEND=tensorflow")
     if name == "auto":
-        if tpu:
-            name = "tpu"
-        elif _tf_config_workers() > 1:
-            name = "multi_worker"
-        else:
-            # Physical devices: listing logical ones would start the runtime,
-            # which must not happen before a multi-worker strategy exists.
-            name = "mirrored" if len(tf.config.list_physical_devices("GPU")) > 1 else (
-                "one_device")
+        # Physical devices: listing logical ones would start the runtime,
+        # which must not happen before a multi-worker strategy exists.
+        name = "mirrored" if len(tf.config.list_physical_devices("GPU")) > 1 else "one_device"
     gpus = [] if name in ("multi_worker", "tpu") else tf.config.list_logical_devices("GPU")
     if name == "one_device":
         return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
@@ -463,7 +476,7 @@ def _allow_multi_worker_fit(model, strategy):
 def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
           batch_size=128, weights=None, augment="imagenet", learning_rate=None,
           weight_decay=0.05, warmup_epochs=5, drop_path_rate=None, label_smoothing=0.1,
-          clipnorm=5.0, strategy="auto", tpu=None, jit_compile=False, mixed_precision=None,
+          clipnorm=5.0, strategy="auto", tpu=None, jit_compile="auto", mixed_precision=None,
           backup_dir=None, backup_freq="epoch", resume=False, seed=0, cache=False,
           deterministic=False, validation_split="auto", data_dir=None, manual_dir=None,
           verbose="auto", callbacks=()):
@@ -492,7 +505,9 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
             0.1 for other sizes.
         strategy: a `tf.distribute.Strategy` or one of `STRATEGIES`.
         tpu: the TPU name or address for `strategy="tpu"`.
-        jit_compile: compile the train step with XLA.
+        jit_compile: compile the train step with XLA: `True`, `False`, or
+            `"auto"`: on JAX only (`compile_for_training`). Not on torch,
+            where Keras would hand the step to torch.compile.
         mixed_precision: `None`, `"float16"` (with loss scaling) or
             `"bfloat16"`; the attention softmax and the head stay float32,
             and `model.keras` is saved as float32.
@@ -531,6 +546,13 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
     _check_recipe(learning_rate=learning_rate, weight_decay=weight_decay,
                   warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
                   clipnorm=clipnorm)
+    if jit_compile not in (True, False, "auto"):
+        raise TrainingError("jit_compile must be True, False or 'auto'. "
+                            f"Received: jit_compile={jit_compile!r}")
+    if jit_compile not in ("auto", False) and keras.backend.backend() == "torch":
+        raise TrainingError("jit_compile is XLA's, on Keras' TensorFlow or JAX backend, and "
+                            "Keras runs on 'torch' (where it would mean torch.compile): leave "
+                            "it out, or train with KERAS_BACKEND=tensorflow or jax")
     if mixed_precision not in MIXED_PRECISION:
         raise TrainingError("mixed_precision must be None, 'float16' or 'bfloat16'. "
                             f"Received: mixed_precision={mixed_precision!r}")
