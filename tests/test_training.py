@@ -415,8 +415,9 @@ for optimizer in (training.AdamW(clip_global_norm=5.0, **settings),
     results.append([keras.ops.convert_to_numpy(v) for v in variables])
 apart = max(float(np.abs(a - b).max()) for a, b in zip(*results))
 moved = min(float(np.abs(a - b).max()) for a, b in zip(results[0], start))
-# 64x64: every query has several keys (at 32x32 some have one, and no gradient)
-model = keras_twins.Twins(**{TINY!r}, classes=3, input_shape=(64, 64, 3))
+# Two stages, for JAX's compile time. 64x64: every query has several keys (at
+# 32x32 some have one, and no gradient).
+model = keras_twins.Twins(**{TWO_STAGES!r}, classes=3, input_shape=(64, 64, 3))
 before = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
 training.compile_for_training(model, training.make_optimizer(model, 1e-3))
 images = rng.uniform(0, 255, (4, 64, 64, 3)).astype("float32")
