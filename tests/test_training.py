@@ -528,6 +528,8 @@ def test_training_pipeline_is_channels_last_when_keras_defaults_to_channels_firs
     (dict(warmup_epochs=-1), "Received: warmup_epochs=-1"),
     (dict(label_smoothing=1.5), "label_smoothing must be a number in [0, 1)"),
     (dict(clipnorm=float("nan")), "Received: clipnorm=nan"),
+    (dict(jit_compile="xla"), "jit_compile must be True, False or 'auto'. "
+                              "Received: jit_compile='xla'"),
 ])
 def test_python_train_names_a_bad_argument(change, message, tmp_path):
     """Each was a TypeError from os.fspath or a comparison inside train()."""
