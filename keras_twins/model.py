@@ -230,7 +230,31 @@ class ImageModel(keras.Model):
         return super().predict_step(*args[:-1], self._checked_as_it_runs(args[-1]))
 
     def _checked_as_it_runs(self, data):
-        return _checked_as_it_runs(self, data)
+        """`data` with its images checked as `check_images` does, inside the
+        step, where their height, width or channels are known only as it runs (a
+        `tf.data` pipeline of images of any size): a batch too small or of other
+        channels failed deep in the graph, with its 75-line trace. The images
+        pass through the assertions, so no op reads them first.
+        `_step_errors_named` words a failed one; XLA compiles them to nothing."""
+        import tensorflow as tf
+
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if not isinstance(x, tf.Tensor) or x.shape.rank != 4 or None not in x.shape[1:]:
+            return data
+        shape = tf.shape(x)
+        expected, minimum = self.input_shape[-1], smallest_image_side(self)
+        assertions = []
+        if x.shape[-1] is None and expected is not None:
+            assertions.append(tf.debugging.Assert(shape[-1] == expected, [
+                f"keras_twins: {_takes_channels(self, expected)} Received: inputs.shape=", shape],
+                summarize=4))
+        if None in x.shape[1:3]:
+            assertions.append(tf.debugging.Assert(tf.reduce_min(shape[1:3]) >= minimum, [
+                f"keras_twins: {_takes_sides(self, minimum)} Received: inputs.shape=", shape],
+                summarize=4))
+        with tf.control_dependencies(assertions):
+            x = tf.identity(x)
+        return keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
 
 
 @keras.saving.register_keras_serializable(package="keras_twins")
@@ -377,34 +401,6 @@ def _check_ranks_known(model, x):
 _LABEL_OUT_OF_RANGE = re.compile(
     r"Received a label value of (-?\d+) which is outside the valid range of \[0, (\d+)\)")
 _REFUSED_AS_IT_RAN = re.compile(r"\[keras_twins: ([^\]]*)\] \[([\d ]*)\]")
-
-
-def _checked_as_it_runs(model, data):
-    """`data` with its images checked as `check_images` does, inside the
-    step, where their height, width or channels are known only as it runs (a
-    `tf.data` pipeline of images of any size): a batch too small or of other
-    channels failed deep in the graph, with its 75-line trace. The images
-    pass through the assertions, so no op reads them first.
-    `_step_errors_named` words a failed one; XLA compiles them to nothing."""
-    import tensorflow as tf
-
-    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    if not isinstance(x, tf.Tensor) or x.shape.rank != 4 or None not in x.shape[1:]:
-        return data
-    shape = tf.shape(x)
-    expected, minimum = model.input_shape[-1], smallest_image_side(model)
-    assertions = []
-    if x.shape[-1] is None and expected is not None:
-        assertions.append(tf.debugging.Assert(shape[-1] == expected, [
-            f"keras_twins: {_takes_channels(model, expected)} Received: inputs.shape=", shape],
-            summarize=4))
-    if None in x.shape[1:3]:
-        assertions.append(tf.debugging.Assert(tf.reduce_min(shape[1:3]) >= minimum, [
-            f"keras_twins: {_takes_sides(model, minimum)} Received: inputs.shape=", shape],
-            summarize=4))
-    with tf.control_dependencies(assertions):
-        x = tf.identity(x)
-    return keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
 
 
 @contextlib.contextmanager
