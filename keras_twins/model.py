@@ -8,6 +8,7 @@ import contextlib
 import numbers
 import os
 import re
+import sys
 
 import keras
 import numpy as np
@@ -168,11 +169,9 @@ class ImageModel(keras.Model):
         return super().__call__(*args, **kwargs)
 
     def fit(self, x=None, y=None, *args, **kwargs):
-        import tensorflow as tf
-
         self._check_inputs(x, y)
         shuffle_given = len(args) > _SHUFFLE_POSITION or "shuffle" in kwargs
-        if isinstance(x, tf.data.Dataset) and not shuffle_given:
+        if is_dataset(x) and not shuffle_given:
             # A pipeline shuffles itself and Keras ignores `shuffle` for it; since
             # Keras 3.15 its default (True) warned so on every `fit(dataset)`.
             kwargs["shuffle"] = False
@@ -236,10 +235,11 @@ class ImageModel(keras.Model):
         channels failed deep in the graph, with its 75-line trace. The images
         pass through the assertions, so no op reads them first.
         `_step_errors_named` words a failed one; XLA compiles them to nothing."""
-        import tensorflow as tf
-
+        tf = loaded_tensorflow()
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        if not isinstance(x, tf.Tensor) or x.shape.rank != 4 or None not in x.shape[1:]:
+        if tf is None or not isinstance(x, tf.Tensor):
+            return data  # arrays, whose shape `check_images` saw, or a backend's own tensors
+        if x.shape.rank != 4 or None not in x.shape[1:]:
             return data
         shape = tf.shape(x)
         expected, minimum = self.input_shape[-1], smallest_image_side(self)
@@ -363,16 +363,28 @@ def _takes_sides(model, minimum):
     return f"`{model.name}` takes images of at least {minimum}x{minimum} pixels."
 
 
+def loaded_tensorflow():
+    """TensorFlow where this process has imported it, else None. Its tensors,
+    pipelines and errors exist only once it is: on Keras' JAX and torch
+    backends, arrays go through `fit` and `predict` without TensorFlow, whose
+    import takes seconds (and which a JAX GPU machine may not have)."""
+    return sys.modules.get("tensorflow")
+
+
+def is_dataset(x):
+    """Whether `x` is a `tf.data.Dataset`."""
+    tf = loaded_tensorflow()
+    return tf is not None and isinstance(x, tf.data.Dataset)
+
+
 def _check_data(model, x):
     """`check_images` on what `fit`, `evaluate` or `predict` got, where its
     shape is known before a step runs: an array or tensor, or the images of
     a `tf.data.Dataset`."""
-    import tensorflow as tf
-
-    if isinstance(x, tf.data.Dataset):
+    if is_dataset(x):
         spec = x.element_spec
         spec = spec[0] if isinstance(spec, tuple) and spec else spec
-        if isinstance(spec, tf.TensorSpec) and spec.shape.rank is not None:
+        if isinstance(spec, loaded_tensorflow().TensorSpec) and spec.shape.rank is not None:
             check_images(model, spec)
     else:
         check_images(model, x)
@@ -384,10 +396,9 @@ def _check_ranks_known(model, x):
     `evaluate` cannot take: they failed with "as_list() is not defined on an
     unknown TensorShape" or "Cannot take the length of shape with unknown
     rank"."""
-    import tensorflow as tf
-
-    if not isinstance(x, tf.data.Dataset):
+    if not is_dataset(x):
         return
+    tf = loaded_tensorflow()
     specs = x.element_spec if isinstance(x.element_spec, tuple) else (x.element_spec,)
     for what, spec in zip(("images", "labels", "sample weights"), specs):
         if isinstance(spec, tf.TensorSpec) and spec.shape.rank is None:
@@ -409,11 +420,12 @@ def _step_errors_named(model):
     the model's classes, as a one-line `ValueError`: TensorFlow finds both
     only as a step runs, and raised them with the graph's trace. The labels
     are not checked beforehand: a loss may ignore one (`ignore_class=-1`)."""
-    import tensorflow as tf
-
+    tf = loaded_tensorflow()
+    # Without TensorFlow, no TensorFlow graph ran, and there is nothing to word.
+    graph_error = () if tf is None else tf.errors.InvalidArgumentError
     try:
         yield
-    except tf.errors.InvalidArgumentError as error:
+    except graph_error as error:
         refused = _REFUSED_AS_IT_RAN.search(error.message)
         if refused is not None:
             message, shape = refused.groups()
@@ -434,11 +446,9 @@ def _build_before_tracing(model, x, y):
     distribution strategy. Without one it creates them inside the first
     trace, and TensorFlow then traces the whole step again: SVT-S's first
     `fit` step took 62 s rather than 31 s on a 2-core CPU."""
-    import tensorflow as tf
-
     if getattr(model, "_distribute_strategy", None) is not None or not model.compiled:
         return
-    if isinstance(x, tf.data.Dataset):
+    if is_dataset(x):
         batch = x.element_spec
         if not (isinstance(batch, tuple) and len(batch) > 1):  # no labels
             return

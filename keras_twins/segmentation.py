@@ -13,6 +13,8 @@ from keras import ops
 from keras_twins.checks import is_whole
 from keras_twins.layers.registration import register
 from keras_twins.model import ImageModel
+from keras_twins.model import is_dataset
+from keras_twins.model import loaded_tensorflow
 from keras_twins.model import pyramid_outputs
 
 IGNORE_LABEL = 255  # pixels with this label count in neither the loss nor the IoU
@@ -54,9 +56,7 @@ class SegmentationModel(ImageModel):
     and so are masks of another size than their images, not deep inside the loss."""
 
     def _check_targets(self, x, y):
-        import tensorflow as tf
-
-        if isinstance(x, tf.data.Dataset):
+        if is_dataset(x):
             spec = x.element_spec
             if not (isinstance(spec, tuple) and len(spec) > 1):
                 return
@@ -83,11 +83,10 @@ class SegmentationModel(ImageModel):
         step runs (a pipeline of images of any size), checked then: a mask of
         another size failed in the loss with the graph's trace. `ImageModel`
         words the failed assertion."""
-        import tensorflow as tf
-
         data = super()._checked_as_it_runs(data)
+        tf = loaded_tensorflow()
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        if not (isinstance(x, tf.Tensor) and isinstance(y, tf.Tensor)
+        if tf is None or not (isinstance(x, tf.Tensor) and isinstance(y, tf.Tensor)
                 and x.shape.rank == 4 and y.shape.rank in (3, 4)):
             return data
         if None not in x.shape[1:3] and None not in y.shape[1:3]:

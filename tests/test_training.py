@@ -388,7 +388,10 @@ def test_the_recipe_trains_on_keras_other_backends(backend, tmp_path):
     "'Parameter' object has no attribute 'handle'" (TensorFlow's kernel); on
     JAX every step raised "train_step() takes 2 positional arguments but 3
     were given", and the recipe compiled without XLA, where a step of a small
-    Twins took 16x as long. What needs TensorFlow is refused by name."""
+    Twins took 16x as long. What needs TensorFlow is refused by name.
+    Arrays go through `predict`, `fit` and `evaluate` without importing
+    TensorFlow (the checks imported it, 5 s, and a JAX GPU machine may have
+    none); only `training` and `export` need it."""
     script = tmp_path / "other_backend.py"
     script.write_text(f"""
 import json
@@ -396,13 +399,24 @@ import sys
 import keras
 import numpy as np
 import keras_twins
-# Nothing in the package import needs TensorFlow on this backend (tf2onnx would import it).
-assert "tensorflow" not in sys.modules
-from keras_twins import export
 from keras_twins import segmentation
-from keras_twins import training
 assert keras.backend.backend() == {backend!r}
 rng = np.random.default_rng(7)
+images = rng.uniform(0, 255, (4, 64, 64, 3)).astype("float32")
+# Two stages, for JAX's compile time. 64x64: every query has several keys (at
+# 32x32 some have one, and no gradient).
+model = keras_twins.Twins(**{TWO_STAGES!r}, classes=3, input_shape=(64, 64, 3))
+predicted = model.predict(images, batch_size=2, verbose=0)
+backbone = keras_twins.Twins(**{TINY!r}, include_top=False, input_shape=(None, None, 3))
+segmenter = segmentation.compile_for_segmentation(
+    segmentation.SemanticFPN(backbone, 3, fpn_channels=8, head_channels=8))
+masks = rng.integers(0, 3, (4, 64, 64))
+segmented = segmenter.fit(images, masks, batch_size=2, epochs=1, verbose=0).history
+segmented = dict(segmented, **segmenter.evaluate(images, masks, batch_size=2, verbose=0,
+                                                 return_dict=True))
+without_tensorflow = "tensorflow" not in sys.modules
+from keras_twins import export
+from keras_twins import training
 start = [rng.normal(size=shape).astype("float32") for shape in [(5, 3), (3,)]]
 settings = dict(learning_rate=0.01, weight_decay=0.1, beta_1=0.8, beta_2=0.95, epsilon=1e-3)
 results = []
@@ -415,24 +429,13 @@ for optimizer in (training.AdamW(clip_global_norm=5.0, **settings),
     results.append([keras.ops.convert_to_numpy(v) for v in variables])
 apart = max(float(np.abs(a - b).max()) for a, b in zip(*results))
 moved = min(float(np.abs(a - b).max()) for a, b in zip(results[0], start))
-# Two stages, for JAX's compile time. 64x64: every query has several keys (at
-# 32x32 some have one, and no gradient).
-model = keras_twins.Twins(**{TWO_STAGES!r}, classes=3, input_shape=(64, 64, 3))
 before = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
 training.compile_for_training(model, training.make_optimizer(model, 1e-3))
-images = rng.uniform(0, 255, (4, 64, 64, 3)).astype("float32")
 labels = np.eye(3, dtype="float32")[[0, 1, 2, 0]]
 loss = model.fit(images, labels, batch_size=2, epochs=1, verbose=0).history["loss"][-1]
 changed = sum(not np.array_equal(keras.ops.convert_to_numpy(v), b)
               for v, b in zip(model.trainable_variables, before))
 evaluated = model.evaluate(images, labels, batch_size=2, verbose=0, return_dict=True)
-backbone = keras_twins.Twins(**{TINY!r}, include_top=False, input_shape=(None, None, 3))
-segmenter = segmentation.compile_for_segmentation(
-    segmentation.SemanticFPN(backbone, 3, fpn_channels=8, head_channels=8))
-masks = rng.integers(0, 3, (4, 64, 64))
-segmented = segmenter.fit(images, masks, batch_size=2, epochs=1, verbose=0).history
-segmented = dict(segmented, **segmenter.evaluate(images, masks, batch_size=2, verbose=0,
-                                                 return_dict=True))
 refused = []
 for refuse in (lambda: training.make_strategy("mirrored"),
                lambda: training.train("data", model={TINY!r}, output="run", jit_compile=True),
@@ -445,6 +448,7 @@ for refuse in (lambda: training.make_strategy("mirrored"),
 print(json.dumps(dict(apart=apart, moved=moved, loss=loss, changed=changed,
                       variables=len(before), jit_compile=model.jit_compile,
                       evaluated=evaluated, segmented=segmented, refused=refused,
+                      predicted=predicted.shape, without_tensorflow=without_tensorflow,
                       replicas=training.make_strategy("auto").num_replicas_in_sync)))
 """)
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
@@ -455,6 +459,7 @@ print(json.dumps(dict(apart=apart, moved=moved, loss=loss, changed=changed,
     assert found["moved"] > 1e-3 and found["apart"] < 1e-6, found
     assert np.isfinite(found["loss"]) and found["changed"] == found["variables"], found
     assert found["jit_compile"] is (backend == "jax"), found
+    assert found["without_tensorflow"] and found["predicted"] == [4, 3], found
     assert np.isfinite(found["evaluated"]["loss"]) and 0 <= found["evaluated"]["accuracy"] <= 1
     assert np.isfinite(found["segmented"]["loss"]).all(), found["segmented"]
     assert 0 <= found["segmented"]["mean_iou"] <= 1, found["segmented"]
