@@ -377,6 +377,9 @@ def _write_report(path, results, matmul, rounds, threading):
         f"contender, {SIZE}x{SIZE} float32, best of {rounds} alternating rounds "
         f"({rounds * 4} for batch-1 latency), random weights.",
         "",
+        "On a GPU (Keras on JAX against timm): `benchmarks/GPU.md`, written by "
+        "`benchmarks/bench_gpu.py`.",
+        "",
         f"Versions: keras {keras.__version__}, tensorflow {tf.__version__}, torch "
         f"{torch.__version__}, timm {timm.__version__}, onnxruntime "
         f"{onnxruntime.__version__}, Python {platform.python_version()}.",
