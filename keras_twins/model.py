@@ -16,6 +16,7 @@ import numpy as np
 from keras_twins import cpu_streams
 from keras_twins import variants
 from keras_twins.checks import is_whole
+from keras_twins.layers import initializers
 from keras_twins.layers import LayerNorm
 from keras_twins.layers import PatchEmbedding
 from keras_twins.layers import PositionalEncodingGenerator
@@ -125,7 +126,8 @@ def Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios,
         # float32 under mixed precision too: the logits and softmax must not
         # overflow or lose small probabilities.
         x = keras.layers.Dense(
-            classes, activation=classifier_activation, dtype="float32", name="head"
+            classes, activation=classifier_activation, kernel_initializer=initializers.linear(),
+            dtype="float32", name="head",
         )(x)
 
     if input_tensor is not None:

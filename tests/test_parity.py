@@ -140,6 +140,50 @@ def test_preprocessing_inside_the_model_matches_timm_normalization(random_refere
     assert ok, f"max|diff| {error:.3g} > {bound:.3g}"
 
 
+@pytest.mark.parametrize("variant", ["twins_svt_small", "twins_pcpvt_small"])
+def test_a_model_without_weights_starts_as_timms_does(variant):
+    """Built without weights, each variable draws from the distribution that
+    timm's `Twins._init_weights` gives its tensor, so training from scratch
+    starts as the reference's does: the same quantiles to within sampling
+    error, and the constant ones (biases, norms) equal. Keras' default,
+    Glorot's uniform, gave the PEG's depthwise kernels a standard deviation
+    of 0.06 where timm's is 0.47, and the first stage's attention kernels 4x
+    to 6x timm's 0.02."""
+    import timm
+    import torch
+
+    from weights_convert.mapping import reference_key
+
+    torch.manual_seed(0)
+    keras.utils.set_random_seed(0)
+    reference = {key: tensor.numpy().astype(np.float64) for key, tensor
+                 in timm.create_model(variant, pretrained=False).state_dict().items()}
+    model = keras_twins.CONSTRUCTORS[variant](weights=None)
+    compared = set()
+    for variable in model.weights:
+        key = reference_key(variable.path)
+        if key not in reference:
+            continue  # the preprocessing's mean and variance
+        compared.add(key)
+        ours = keras.ops.convert_to_numpy(variable).astype(np.float64).ravel()
+        theirs, n = reference[key].ravel(), ours.size
+        if theirs.std() == 0:
+            np.testing.assert_array_equal(ours, theirs, err_msg=key)
+            continue
+        # Quantiles, not moments: timm's trunc_normal_ draws through erfinv,
+        # and a float32 uniform draw of exactly +-1 lands on its +-2 cut, so
+        # its large kernels hold a few values of 100 std (kurtosis 97, not 3).
+        # A quantile's sampling error over n draws is below 2.1 std / sqrt(n)
+        # for these; six of them, for two samples. A uniform of the same
+        # spread is 0.19 std off at the quartiles, one cut at 2 std 0.08.
+        quantiles = [0.05, 0.25, 0.5, 0.75, 0.95]
+        ours, theirs = np.quantile(ours, quantiles), np.quantile(theirs, quantiles)
+        spread = (theirs[3] - theirs[1]) / 1.349  # the standard deviation of a normal
+        tolerance = 6 * np.sqrt(2) * 2.1 * spread / np.sqrt(n)
+        assert np.abs(ours - theirs).max() < tolerance, (key, ours, theirs, tolerance)
+    assert compared == set(reference)
+
+
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_keras_other_backends_give_timms_logits(backend, random_reference, tmp_path):
     """Both families' logits on Keras' JAX and PyTorch backends, from the

@@ -11,6 +11,7 @@ import keras
 from keras import ops
 
 from keras_twins.checks import require_positive_integers
+from keras_twins.layers import initializers
 from keras_twins.layers.tokens import dense_over_tokens
 
 # At most this many 2-D products per attention matmul when they are traced one
@@ -85,7 +86,8 @@ class MultiHeadAttentionCore(keras.layers.Layer):
             attention_dropout, dtype=self.dtype_policy
         )
         self.projection = keras.layers.Dense(
-            dim, dtype=self.dtype_policy, name="projection"
+            dim, kernel_initializer=initializers.linear(), dtype=self.dtype_policy,
+            name="projection",
         )
         self.projection_dropout_layer = keras.layers.Dropout(
             projection_dropout, dtype=self.dtype_policy

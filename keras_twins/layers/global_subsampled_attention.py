@@ -2,6 +2,7 @@ import keras
 from keras import ops
 
 from keras_twins.checks import require_positive_integers
+from keras_twins.layers import initializers
 from keras_twins.layers.attention import MultiHeadAttentionCore
 from keras_twins.layers.layer_norm import LayerNorm
 from keras_twins.layers.registration import register
@@ -34,14 +35,15 @@ class GlobalSubsampledAttention(MultiHeadAttentionCore):
         require_positive_integers(sr_ratio=sr_ratio)
         self.sr_ratio = sr_ratio
         self.layer_norm_epsilon = layer_norm_epsilon
-        self.query = keras.layers.Dense(dim, dtype=self.dtype_policy, name="query")
-        self.key_value = keras.layers.Dense(
-            2 * dim, dtype=self.dtype_policy, name="key_value"
-        )
+        self.query = keras.layers.Dense(dim, kernel_initializer=initializers.linear(),
+                                        dtype=self.dtype_policy, name="query")
+        self.key_value = keras.layers.Dense(2 * dim, kernel_initializer=initializers.linear(),
+                                            dtype=self.dtype_policy, name="key_value")
         if sr_ratio > 1:
             self.subsample = keras.layers.Conv2D(
                 dim, sr_ratio, strides=sr_ratio, padding="valid", data_format="channels_last",
-                dtype=self.dtype_policy, name="subsample",
+                kernel_initializer=initializers.convolution(), dtype=self.dtype_policy,
+                name="subsample",
             )
             self.subsample_norm = LayerNorm(
                 epsilon=layer_norm_epsilon, dtype=self.dtype_policy,

@@ -3,6 +3,7 @@ import numpy as np
 from keras import ops
 
 from keras_twins.checks import require_positive_integers
+from keras_twins.layers import initializers
 from keras_twins.layers.attention import MultiHeadAttentionCore
 from keras_twins.layers.registration import register
 from keras_twins.layers.tokens import dense_over_tokens
@@ -32,7 +33,8 @@ class LocallyGroupedSelfAttention(MultiHeadAttentionCore):
         super().__init__(dim, num_heads, **kwargs)
         require_positive_integers(window_size=window_size)
         self.window_size = window_size
-        self.qkv = keras.layers.Dense(3 * dim, dtype=self.dtype_policy, name="qkv")
+        self.qkv = keras.layers.Dense(3 * dim, kernel_initializer=initializers.linear(),
+                                      dtype=self.dtype_policy, name="qkv")
 
     def build(self, input_shape):
         self.qkv.build(input_shape)

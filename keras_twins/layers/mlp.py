@@ -4,6 +4,7 @@ import math
 import keras
 from keras import ops
 
+from keras_twins.layers import initializers
 from keras_twins.layers.registration import register
 from keras_twins.layers.tokens import dense_2d
 
@@ -28,8 +29,10 @@ class MLP(keras.layers.Layer):
         self.dim = dim
         self.hidden_dim = hidden_dim
         self.dropout = dropout
-        self.fc1 = keras.layers.Dense(hidden_dim, dtype=self.dtype_policy, name="fc1")
-        self.fc2 = keras.layers.Dense(dim, dtype=self.dtype_policy, name="fc2")
+        self.fc1 = keras.layers.Dense(hidden_dim, kernel_initializer=initializers.linear(),
+                                      dtype=self.dtype_policy, name="fc1")
+        self.fc2 = keras.layers.Dense(dim, kernel_initializer=initializers.linear(),
+                                      dtype=self.dtype_policy, name="fc2")
         self.dropout_layer = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
 
     def build(self, input_shape):

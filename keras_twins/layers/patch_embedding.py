@@ -1,5 +1,6 @@
 import keras
 
+from keras_twins.layers import initializers
 from keras_twins.layers.layer_norm import LayerNorm
 from keras_twins.layers.registration import register
 
@@ -27,7 +28,8 @@ class PatchEmbedding(keras.layers.Layer):
         self.layer_norm_epsilon = layer_norm_epsilon
         self.projection = keras.layers.Conv2D(
             dim, patch_size, strides=patch_size, padding="valid", data_format="channels_last",
-            dtype=self.dtype_policy, name="projection",
+            kernel_initializer=initializers.convolution(), dtype=self.dtype_policy,
+            name="projection",
         )
         self.norm = LayerNorm(
             epsilon=layer_norm_epsilon, dtype=self.dtype_policy, name="norm"

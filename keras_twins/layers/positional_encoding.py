@@ -2,6 +2,7 @@ import keras
 from keras import ops
 
 from keras_twins.checks import require_positive_integers
+from keras_twins.layers import initializers
 from keras_twins.layers.registration import register
 
 
@@ -31,7 +32,7 @@ class PositionalEncodingGenerator(keras.layers.Layer):
         self.depthwise_kernel = self.add_weight(
             name="depthwise_kernel",
             shape=(self.kernel_size, self.kernel_size, channels, 1),
-            initializer="glorot_uniform",
+            initializer=initializers.convolution(),
         )
         self.bias = self.add_weight(name="bias", shape=(channels,), initializer="zeros")
 
