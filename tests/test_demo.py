@@ -24,7 +24,9 @@ def test_demo_trains_exports_and_prints_its_table(tmp_path):
     assert set(rows) == set(names), result.stdout
     print("\n" + "\n".join(f"{name}: {cells}" for name, cells in rows.items()))
     keras_top1, _, keras_mb, keras_ms = rows["Keras (TensorFlow)"]
-    assert keras_top1 >= 95.0
+    # From timm's initialization, five runs scored 95.8% to 96.4% (from
+    # Glorot's, 97.8%): 94% leaves the input order a few digits of room.
+    assert keras_top1 >= 94.0
     float32_top1, float32_agreement, float32_mb, _ = rows["TFLite float32"]
     int8_top1, int8_agreement, int8_mb, int8_ms = rows["TFLite int8"]
     # float32 is the same network; int8 keeps the trained model's decisions.
