@@ -170,7 +170,7 @@ def test_a_killed_run_resumes_from_its_backup_and_finishes(tmp_path):
     assert "trained 2 epoch(s)" in resumed.stdout
 
 
-def test_cli_trains_a_compact_twins_on_the_digits_to_95_percent(tmp_path, capfd):
+def test_cli_trains_a_compact_twins_on_the_digits_to_94_percent(tmp_path, capfd):
     # With CPU streams on, as a CPU-only user would train: each batch of 32
     # runs as one slice per core.
     data = data_lib.write_digits_folder(tmp_path / "digits")
@@ -191,7 +191,9 @@ def test_cli_trains_a_compact_twins_on_the_digits_to_95_percent(tmp_path, capfd)
     with capfd.disabled():
         print(f"\ndigits: validation accuracy {float(rows[-1]['val_accuracy']):.4f} "
               f"(best {best:.4f}) after 6 epochs")
-    assert float(rows[-1]["val_accuracy"]) >= 0.95
+    # From timm's initialization, four runs ended at 95.8% to 96.7% (from
+    # Glorot's, 97.8%): 94% leaves the input order a few digits of room.
+    assert float(rows[-1]["val_accuracy"]) >= 0.94
     for name in ("model.keras", "training.png", "labels.txt", "run.json",
                  "checkpoints/best.keras", "checkpoints/last.keras"):
         assert (output / name).exists(), name
