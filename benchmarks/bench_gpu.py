@@ -355,15 +355,11 @@ def keras_optimizer(model):
     try:
         from keras_twins import training
     except ImportError:
-        from keras_twins.layers import PositionalEncodingGenerator
+        from keras_twins.model import no_weight_decay_variables
 
-        excluded = [v for v in model.trainable_variables if len(v.shape) <= 1]
-        for layer in model._flatten_layers():
-            if isinstance(layer, PositionalEncodingGenerator):
-                excluded += [v for v in layer.trainable_variables if len(v.shape) > 1]
         optimizer = keras.optimizers.AdamW(learning_rate=1e-4, weight_decay=0.05,
                                            epsilon=1e-8, global_clipnorm=5.0)
-        optimizer.exclude_from_weight_decay(var_list=excluded)
+        optimizer.exclude_from_weight_decay(var_list=no_weight_decay_variables(model))
         return optimizer, "keras.optimizers.AdamW (TensorFlow not installed)"
     return training.make_optimizer(model, 1e-4), "keras_twins.training.make_optimizer"
 

@@ -461,6 +461,16 @@ def _build_before_tracing(model, x, y):
     model._symbolic_build(data_batch=batch)
 
 
+def no_weight_decay_variables(model):
+    """Biases, norm scales and offsets, and the PEG convolutions (as timm):
+    what the recipe's AdamW does not decay."""
+    excluded = [v for v in model.trainable_variables if len(v.shape) <= 1]
+    for layer in model._flatten_layers():
+        if isinstance(layer, PositionalEncodingGenerator):
+            excluded += [v for v in layer.trainable_variables if len(v.shape) > 1]
+    return excluded
+
+
 def takes_pixels(model):
     """Whether `model` takes RGB pixels in [0, 255]: False for a Twins network
     built with `include_preprocessing=False`, which takes images normalized

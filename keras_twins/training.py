@@ -40,9 +40,9 @@ from keras_twins.export import run_labels
 from keras_twins.files import other_entries
 from keras_twins.files import replacing
 from keras_twins.files import write_text
-from keras_twins.layers import PositionalEncodingGenerator
 from keras_twins.model import classifier_outputs
 from keras_twins.model import image_input_problem
+from keras_twins.model import no_weight_decay_variables
 from keras_twins.model import normalized
 from keras_twins.model import takes_pixels
 from keras_twins.weights import WEIGHTS_SUFFIXES
@@ -84,15 +84,6 @@ def learning_rate_schedule(peak, steps_per_epoch, epochs, warmup_epochs=5):
         return keras.optimizers.schedules.CosineDecay(peak, decay_steps=total)
     return keras.optimizers.schedules.CosineDecay(
         0.0, decay_steps=total - warmup, warmup_target=peak, warmup_steps=warmup)
-
-
-def no_weight_decay_variables(model):
-    """Biases, norm scales and offsets, and the PEG convolutions (as timm)."""
-    excluded = [v for v in model.trainable_variables if len(v.shape) <= 1]
-    for layer in model._flatten_layers():
-        if isinstance(layer, PositionalEncodingGenerator):
-            excluded += [v for v in layer.trainable_variables if len(v.shape) > 1]
-    return excluded
 
 
 @keras.saving.register_keras_serializable(package="keras_twins")
