@@ -171,36 +171,38 @@ class ImageModel(keras.Model):
         return super().__call__(*args, **kwargs)
 
     def fit(self, x=None, y=None, *args, **kwargs):
-        self._check_inputs(x, y)
+        x = self._check_inputs(x, y)
+        if "validation_data" in kwargs:
+            kwargs["validation_data"] = self._checked_validation(kwargs["validation_data"])
         shuffle_given = len(args) > _SHUFFLE_POSITION or "shuffle" in kwargs
         if is_dataset(x) and not shuffle_given:
             # A pipeline shuffles itself and Keras ignores `shuffle` for it; since
             # Keras 3.15 its default (True) warned so on every `fit(dataset)`.
             kwargs["shuffle"] = False
         _build_before_tracing(self, x, y)
-        with _step_errors_named(self):
+        with _values_kept(self), _step_errors_named(self):
             return super().fit(x, y, *args, **kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
-        self._check_inputs(x, y)
+        x = self._check_inputs(x, y)
         _build_before_tracing(self, x, y)
-        with _step_errors_named(self):
+        with _values_kept(self), _step_errors_named(self):
             return super().evaluate(x, y, *args, **kwargs)
 
     def predict(self, x, *args, **kwargs):
         _check_data(self, x)
-        with _step_errors_named(self):
+        with _values_kept(self), _step_errors_named(self):
             return super().predict(x, *args, **kwargs)
 
     # The one-batch forms: a gray batch for a model of fixed size failed in
     # the graph, and a label outside the classes raised 41 lines.
     def train_on_batch(self, x, y=None, *args, **kwargs):
-        self._check_inputs(x, y)
+        x = self._check_inputs(x, y)
         with _step_errors_named(self):
             return super().train_on_batch(x, y, *args, **kwargs)
 
     def test_on_batch(self, x, y=None, *args, **kwargs):
-        self._check_inputs(x, y)
+        x = self._check_inputs(x, y)
         with _step_errors_named(self):
             return super().test_on_batch(x, y, *args, **kwargs)
 
@@ -210,10 +212,20 @@ class ImageModel(keras.Model):
             return super().predict_on_batch(x)
 
     def _check_inputs(self, x, y):
-        """The checks of what `fit`, `evaluate` and the one-batch steps get."""
+        """The checks of what `fit`, `evaluate` and the one-batch steps get.
+        Returns `x`, a pipeline with its labels checked as they come where
+        no op of the step checks them (`_labels_checked`)."""
         _check_data(self, x)
         _check_ranks_known(self, x)
         self._check_targets(x, y)
+        return _labels_checked(self, x, y)
+
+    def _checked_validation(self, data):
+        """`fit`'s `validation_data` through `_check_inputs`: a pipeline, or
+        a tuple (or list) of images, targets and maybe sample weights."""
+        if isinstance(data, (tuple, list)) and len(data) in (2, 3):
+            return (self._check_inputs(data[0], data[1]), *data[1:])
+        return self._check_inputs(data, None) if is_dataset(data) else data
 
     def _check_targets(self, x, y):
         """Refuses targets that cannot fit the outputs, in one line, where
@@ -413,6 +425,7 @@ def _check_ranks_known(model, x):
 
 _LABEL_OUT_OF_RANGE = re.compile(
     r"Received a label value of (-?\d+) which is outside the valid range of \[0, (\d+)\)")
+_LABEL_REFUSED_AS_IT_CAME = re.compile(r"\[keras_twins label:\] \[(-?\d+)\]")
 _REFUSED_AS_IT_RAN = re.compile(r"\[keras_twins: ([^\]]*)\] \[([\d ]*)\]")
 
 
@@ -433,13 +446,130 @@ def _step_errors_named(model):
             message, shape = refused.groups()
             raise ValueError(f"{message}{tuple(int(side) for side in shape.split())}"
                              ) from None
+        label = _LABEL_REFUSED_AS_IT_CAME.search(error.message)
+        if label is not None:
+            classes, ignore_class = _sparse_cross_entropy(model)
+            raise ValueError(_outside_classes(model, classes, ignore_class, label.group(1))
+                             ) from None
         label = _LABEL_OUT_OF_RANGE.search(error.message)
         if label is None:
             raise
         label, classes = label.groups()
-        raise ValueError(f"`{model.name}` has {classes} classes, so its labels are class "
-                         f"indices from 0 to {int(classes) - 1}. Received: a label of "
-                         f"{label}") from None
+        ignore_class = (_sparse_cross_entropy(model) or (None, None))[1]
+        raise ValueError(_outside_classes(model, int(classes), ignore_class, label)) from None
+
+
+@contextlib.contextmanager
+def _values_kept(model):
+    """On JAX, Keras takes the values out of a model's variables while `fit`,
+    `evaluate` or `predict` runs, and puts the last step's back when it
+    ends; an error or an interrupt in `evaluate` or `predict`, or before
+    `fit`'s first step, left them empty, and every later call failed with
+    "'NoneType' object is not callable". This puts them back then too."""
+    if keras.backend.backend() != "jax":
+        yield
+        return
+    variables = [*model.variables, *model.metrics_variables]
+    if getattr(model, "optimizer", None) is not None:
+        variables += model.optimizer.variables
+    before = [(variable, variable._value) for variable in variables]
+    try:
+        yield
+    except BaseException:
+        model.jax_state_sync()  # the state of the last step that ran, if any did
+        for variable, value in before:
+            if variable._value is None and value is not None:
+                variable.assign(value)
+        model._jax_state = None
+        raise
+
+
+def _sparse_cross_entropy(model):
+    """`(classes, ignore_class)` where `model` has one output and is compiled
+    with a sparse categorical cross-entropy, whose labels are indices into
+    the output's last axis; else None."""
+    loss = getattr(model, "loss", None)
+    if isinstance(loss, (list, tuple)) and len(loss) == 1:
+        loss = loss[0]
+    if isinstance(loss, dict) and len(loss) == 1:
+        loss = next(iter(loss.values()))
+    if isinstance(loss, str):
+        try:
+            loss = keras.losses.get(loss)
+        except ValueError:
+            return None
+    if getattr(loss, "fn", loss) is not keras.losses.sparse_categorical_crossentropy:
+        return None
+    ignore_class = loss.get_config().get("ignore_class") if hasattr(loss, "get_config") else None
+    shape = model.output_shape
+    if not (isinstance(shape, tuple) and shape and is_whole(shape[-1], least=1)):
+        return None
+    return shape[-1], ignore_class
+
+
+def _outside_classes(model, classes, ignore_class, label):
+    ignored = "" if ignore_class is None else f" (or {ignore_class}, which its loss ignores)"
+    return (f"`{model.name}` has {classes} classes, so its labels are class indices from 0 "
+            f"to {classes - 1}{ignored}. Received: a label of {label}")
+
+
+def _first_outside(labels, classes, ignore_class, chunk=1 << 20):
+    """The first of an array's labels that is neither a class index nor
+    `ignore_class`, or None; in chunks, so that a large array of masks needs
+    no copy of its size."""
+    if labels.dtype.kind not in "iuf" or labels.size == 0:
+        return None
+    if labels.dtype.kind in "iu" and labels.min() >= 0 and labels.max() < classes:
+        return None
+    labels = labels.reshape(-1)
+    for start in range(0, labels.size, chunk):
+        found = labels[start:start + chunk]
+        found = found[np.isfinite(found)].astype(np.int64)
+        outside = (found < 0) | (found >= classes)
+        if ignore_class is not None:
+            outside &= found != ignore_class
+        if outside.any():
+            return int(found[outside][0])
+    return None
+
+
+def _labels_checked(model, x, y):
+    """Refuses, in one line, a label outside the classes of a sparse
+    cross-entropy, where no op of the step would: JAX's gather took it and
+    trained on silently, and torch raised an IndexError with its trace.
+    Arrays are checked here, on every backend; a pipeline on JAX or torch is
+    returned with an assertion mapped over its batches, which
+    `_step_errors_named` words. On TensorFlow the loss's op finds a
+    pipeline's label as the step runs."""
+    sparse = _sparse_cross_entropy(model)
+    if sparse is None:
+        return x
+    classes, ignore_class = sparse
+    if not is_dataset(x):
+        if not (hasattr(y, "shape") and hasattr(y, "dtype")):
+            return x
+        labels = keras.ops.convert_to_numpy(y) if keras.ops.is_tensor(y) else np.asarray(y)
+        label = _first_outside(labels, classes, ignore_class)
+        if label is not None:
+            raise ValueError(_outside_classes(model, classes, ignore_class, label))
+        return x
+    tf = loaded_tensorflow()
+    spec = x.element_spec
+    if (keras.backend.backend() == "tensorflow" or not isinstance(spec, tuple) or len(spec) < 2
+            or not isinstance(spec[1], tf.TensorSpec)):
+        return x
+
+    def checked(images, labels, *rest):
+        found = tf.cast(labels, tf.int64)
+        outside = (found < 0) | (found >= classes)
+        if ignore_class is not None:
+            outside &= found != ignore_class
+        inside = tf.debugging.Assert(tf.logical_not(tf.reduce_any(outside)), [
+            "keras_twins label:", tf.boolean_mask(found, outside)[:1]])
+        with tf.control_dependencies([inside]):
+            return (images, tf.identity(labels), *rest)
+
+    return x.map(checked)
 
 
 def _build_before_tracing(model, x, y):

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 import keras
 import keras_twins
+from keras_twins.model import _first_outside
 from conftest import TINY
 from conftest import TINY_PCPVT
 from conftest import TWO_STAGES
@@ -484,6 +485,31 @@ def test_a_label_outside_the_classes_is_refused_in_one_line(run, data, label):
     if run == "evaluate":
         model.compile(loss=keras.losses.SparseCategoricalCrossentropy(ignore_class=label))
         assert np.isfinite(model.evaluate(**kwargs, verbose=0))
+
+
+def test_labels_outside_the_classes_are_refused_before_a_step_runs():
+    """Arrays of labels are checked before any step, on every backend, so
+    validation labels outside the classes stop `fit` before its first epoch,
+    not after it; a loss's ignored class is named, and huge masks are read
+    in chunks. (On JAX and torch, see test_training's backend test.)"""
+    images = np.zeros((4, 32, 32, 3), "float32")
+    model = keras_twins.Twins(**TINY, input_shape=(32, 32, 3), classes=3, name="tiny")
+    model.compile(optimizer="adamw", loss=keras.losses.SparseCategoricalCrossentropy(
+        ignore_class=255))
+    before = [v.numpy() for v in model.trainable_variables]
+    for labels, label in [([0, 255, 1, 2], 4), ([0, 1, 2, 2], -3)]:
+        validation = (images, np.array([labels[0], labels[1], label, labels[3]]))
+        with pytest.raises(ValueError) as raised:
+            model.fit(images, np.array(labels), validation_data=validation, verbose=0)
+        assert str(raised.value) == (
+            "`tiny` has 3 classes, so its labels are class indices from 0 to 2 (or 255, "
+            f"which its loss ignores). Received: a label of {label}")
+    assert all(np.array_equal(v.numpy(), b) for v, b in zip(model.trainable_variables, before))
+    masks = np.zeros((3, 1024, 1024), np.uint8)
+    masks[2, -1, -1], masks[1, 5] = 9, 255
+    assert _first_outside(masks, 3, 255, chunk=1000) == 9
+    assert _first_outside(masks[:2], 3, 255, chunk=1000) is None
+    assert _first_outside(np.array([0.0, np.nan, 2.0, 3.0]), 3, None) == 3
 
 
 @pytest.mark.parametrize("architecture, smallest", [

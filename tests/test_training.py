@@ -393,7 +393,8 @@ def test_the_recipe_trains_on_keras_other_backends(backend, tmp_path):
     Twins took 16x as long. What needs TensorFlow is refused by name.
     Arrays go through `predict`, `fit` and `evaluate` without importing
     TensorFlow (the checks imported it, 5 s, and a JAX GPU machine may have
-    none); only `training` and `export` need it."""
+    none); only `training` and `export` need it. A label outside the classes
+    is refused in one line, and an evaluate it stopped leaves the model whole."""
     script = tmp_path / "other_backend.py"
     script.write_text(f"""
 import json
@@ -419,6 +420,23 @@ segmented = dict(segmented, **segmenter.evaluate(images, masks, batch_size=2, ve
 without_tensorflow = "tensorflow" not in sys.modules
 from keras_twins import export
 from keras_twins import training
+import tensorflow as tf
+labels_refused = []
+ignored = masks.copy()
+ignored[0, 0, 0] = segmentation.IGNORE_LABEL
+outside = ignored.copy()
+outside[3, 5, 5] = 7
+for refuse in (lambda: segmenter.fit(images, outside, batch_size=2, verbose=0),
+               # The second batch's mask holds the 7; the first's, an ignored pixel.
+               lambda: segmenter.evaluate(tf.data.Dataset.from_tensor_slices(
+                   (images, outside)).batch(2), verbose=0)):
+    try:
+        refuse()
+        labels_refused.append(None)
+    except Exception as error:
+        labels_refused.append(f"{{type(error).__name__}}: {{error}}")
+# The failed evaluate left the segmenter's variables as they were (JAX had emptied them).
+reevaluated = segmenter.evaluate(images, ignored, batch_size=2, verbose=0, return_dict=True)
 start = [rng.normal(size=shape).astype("float32") for shape in [(5, 3), (3,)]]
 settings = dict(learning_rate=0.01, weight_decay=0.1, beta_1=0.8, beta_2=0.95, epsilon=1e-3)
 results = []
@@ -451,6 +469,7 @@ print(json.dumps(dict(apart=apart, moved=moved, loss=loss, changed=changed,
                       variables=len(before), jit_compile=model.jit_compile,
                       evaluated=evaluated, segmented=segmented, refused=refused,
                       predicted=predicted.shape, without_tensorflow=without_tensorflow,
+                      labels_refused=labels_refused, reevaluated=reevaluated,
                       replicas=training.make_strategy("auto").num_replicas_in_sync)))
 """)
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
@@ -477,6 +496,11 @@ print(json.dumps(dict(apart=apart, moved=moved, loss=loss, changed=changed,
     assert exported.startswith("ExportError: export traces the model with TensorFlow, and Keras "
                                f"runs on '{backend}'"), exported
     assert found["replicas"] == 1 and not (tmp_path / "run").exists()
+    # A mask value outside the classes: JAX trained on silently, torch raised an IndexError.
+    assert found["labels_refused"] == [
+        "ValueError: `semantic_fpn` has 3 classes, so its labels are class indices from 0 to 2 "
+        "(or 255, which its loss ignores). Received: a label of 7"] * 2, found["labels_refused"]
+    assert np.isfinite(found["reevaluated"]["loss"]), found["reevaluated"]
 
 
 def test_a_query_before_a_single_key_gets_a_zero_gradient_not_none():
