@@ -425,6 +425,7 @@ def _check_ranks_known(model, x):
 
 _LABEL_OUT_OF_RANGE = re.compile(
     r"Received a label value of (-?\d+) which is outside the valid range of \[0, (\d+)\)")
+_TORCH_LABEL_OUT_OF_RANGE = re.compile(r"Target (-?\d+) is out of bounds\.?")
 _LABEL_REFUSED_AS_IT_CAME = re.compile(r"\[keras_twins label:\] \[(-?\d+)\]")
 _REFUSED_AS_IT_RAN = re.compile(r"\[keras_twins: ([^\]]*)\] \[([\d ]*)\]")
 
@@ -433,13 +434,21 @@ _REFUSED_AS_IT_RAN = re.compile(r"\[keras_twins: ([^\]]*)\] \[([\d ]*)\]")
 def _step_errors_named(model):
     """A batch refused by `_checked_as_it_runs`, or a class index outside
     the model's classes, as a one-line `ValueError`: TensorFlow finds both
-    only as a step runs, and raised them with the graph's trace. The labels
-    are not checked beforehand: a loss may ignore one (`ignore_class=-1`)."""
+    only as a step runs, and raised them with the graph's trace. Labels are
+    found so where `_labels_checked` cannot see them first (TensorFlow's
+    pipelines; a generator or `PyDataset`, whose bad label torch's loss
+    raised as an IndexError with its trace)."""
     tf = loaded_tensorflow()
     # Without TensorFlow, no TensorFlow graph ran, and there is nothing to word.
     graph_error = () if tf is None else tf.errors.InvalidArgumentError
     try:
         yield
+    except IndexError as error:
+        label = _TORCH_LABEL_OUT_OF_RANGE.fullmatch(str(error))
+        sparse = _sparse_cross_entropy(model)
+        if label is None or sparse is None:
+            raise
+        raise ValueError(_outside_classes(model, *sparse, label.group(1))) from None
     except graph_error as error:
         refused = _REFUSED_AS_IT_RAN.search(error.message)
         if refused is not None:
