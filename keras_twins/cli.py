@@ -169,6 +169,7 @@ def _predict(args):
     from keras_twins.images import load_image
     from keras_twins.model import classifier_outputs
     from keras_twins.pretrained import WeightsDownloadError
+    from keras_twins.weights import WEIGHTS_SUFFIXES
 
     if args.top < 1:
         raise CommandError(f"--top must be at least 1. Received: {args.top}")
@@ -178,6 +179,11 @@ def _predict(args):
                                f"as {os.path.join(path, '*.jpg')}")
         if not os.path.isfile(path):
             raise CommandError(f"{path}: no such image file")
+        # `predict run/model.keras cat.jpg` fetched the default model first.
+        if _is_keras_file(path) or path.lower().endswith(".json"):
+            raise CommandError(f"{path}: a model, not an image; give it with --model")
+        if path.lower().endswith(WEIGHTS_SUFFIXES):
+            raise CommandError(f"{path}: a weights file, not an image; give it with --weights")
     try:
         # Download progress goes to stderr, keeping stdout for the results.
         with contextlib.redirect_stdout(sys.stderr):

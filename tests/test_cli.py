@@ -124,6 +124,13 @@ def test_predict_failures_are_one_line(photos, checkpoint, tmp_path, random_refe
     assert_clean_failure(keras_twins_in_process(capfd, "predict", tmp_path, "--weights",
                                                 checkpoint),
                          f"{tmp_path}: a folder, not an image file")
+    # A model or weights file among the images: the default model was fetched first.
+    for path, flag in ((tmp_path / "model.keras", "--model"),
+                       (tmp_path / "model.safetensors", "--weights")):
+        path.touch()
+        assert_clean_failure(keras_twins_in_process(capfd, "predict", path, photos[0]),
+                             f"{path}: a {'model' if flag == '--model' else 'weights file'}, "
+                             f"not an image; give it with {flag}")
     assert_clean_failure(keras_twins_in_process(capfd, "predict", photos[0], "--model",
                                                 "twins_svt_tiny"), "twins_svt_tiny")
     # An SVT checkpoint for a PCPVT model: named by the key that does not fit.
