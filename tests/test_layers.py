@@ -5,6 +5,8 @@ import pytest
 import tensorflow as tf
 
 import keras
+import keras_twins
+from conftest import TINY
 from keras_twins import layers
 from keras_twins.layers.attention import products_as_fully_connected
 from keras_twins.layers.layer_norm import onednn_inference_kernels
@@ -227,3 +229,21 @@ def test_a_built_map_layer_refuses_another_channel_count():
     layer(np.zeros((1, 5, 5, 16), "float32"))
     with pytest.raises(ValueError, match="expected axis -1 of input shape to have value 16"):
         layer(np.zeros((1, 5, 5, 8), "float32"))
+
+
+def test_a_model_built_after_set_random_seed_is_the_same_model():
+    """The initial kernels are drawn with NumPy (a backend's random ops
+    compiled for each kernel shape on JAX), from seeds that
+    `keras.utils.set_random_seed` sets, as Keras' own initializers are."""
+    def kernels():
+        model = keras_twins.Twins(**TINY, input_shape=(32, 32, 3), classes=3)
+        return [keras.ops.convert_to_numpy(v) for v in model.weights if "kernel" in v.path]
+
+    keras.utils.set_random_seed(4)
+    first, second = kernels(), kernels()
+    keras.utils.set_random_seed(4)
+    again = kernels()
+    assert len(first) > 10 and all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not any(np.array_equal(a, b) for a, b in zip(first, second))
+    # No two kernels of a model start alike, whatever their shapes.
+    assert len({a.ravel()[:4].tobytes() for a in first}) == len(first)
