@@ -9,6 +9,7 @@ import numbers
 import os
 import re
 import sys
+import types
 
 import keras
 import numpy as np
@@ -180,7 +181,7 @@ class ImageModel(keras.Model):
             # Keras 3.15 its default (True) warned so on every `fit(dataset)`.
             kwargs["shuffle"] = False
         _build_before_tracing(self, x, y)
-        with _values_kept(self), _step_errors_named(self):
+        with _values_kept(self, training=True), _step_errors_named(self):
             return super().fit(x, y, *args, **kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
@@ -444,11 +445,10 @@ def _step_errors_named(model):
     try:
         yield
     except IndexError as error:
-        label = _TORCH_LABEL_OUT_OF_RANGE.fullmatch(str(error))
-        sparse = _sparse_cross_entropy(model)
-        if label is None or sparse is None:
+        label, check = _TORCH_LABEL_OUT_OF_RANGE.fullmatch(str(error)), _label_check(model)
+        if label is None or check is None:
             raise
-        raise ValueError(_outside_classes(model, *sparse, label.group(1))) from None
+        raise ValueError(check.message(label.group(1))) from None
     except graph_error as error:
         refused = _REFUSED_AS_IT_RAN.search(error.message)
         if refused is not None:
@@ -457,30 +457,32 @@ def _step_errors_named(model):
                              ) from None
         label = _LABEL_REFUSED_AS_IT_CAME.search(error.message)
         if label is not None:
-            classes, ignore_class = _sparse_cross_entropy(model)
-            raise ValueError(_outside_classes(model, classes, ignore_class, label.group(1))
-                             ) from None
+            raise ValueError(_label_check(model).message(label.group(1))) from None
         label = _LABEL_OUT_OF_RANGE.search(error.message)
         if label is None:
             raise
         label, classes = label.groups()
-        ignore_class = (_sparse_cross_entropy(model) or (None, None))[1]
-        raise ValueError(_outside_classes(model, int(classes), ignore_class, label)) from None
+        raise ValueError(_label_check(model, int(classes)).message(label)) from None
 
 
 @contextlib.contextmanager
-def _values_kept(model):
+def _values_kept(model, training=False):
     """On JAX, Keras takes the values out of a model's variables while `fit`,
     `evaluate` or `predict` runs, and puts the last step's back when it
     ends; an error or an interrupt in `evaluate` or `predict`, or before
     `fit`'s first step, left them empty, and every later call failed with
-    "'NoneType' object is not callable". This puts them back then too."""
+    "'NoneType' object is not callable". This puts them back then too.
+    For `fit`, the optimizer's variables are made first, as Keras would
+    make them in its first step, so that theirs are kept too."""
     if keras.backend.backend() != "jax":
         yield
         return
+    optimizer = getattr(model, "optimizer", None) if model.compiled else None
+    if training and optimizer is not None and not optimizer.built and model.built:
+        optimizer.build(model.trainable_variables)
     variables = [*model.variables, *model.metrics_variables]
-    if getattr(model, "optimizer", None) is not None:
-        variables += model.optimizer.variables
+    if optimizer is not None:
+        variables += optimizer.variables
     before = [(variable, variable._value) for variable in variables]
     try:
         yield
@@ -516,10 +518,66 @@ def _sparse_cross_entropy(model):
     return shape[-1], ignore_class
 
 
-def _outside_classes(model, classes, ignore_class, label):
-    ignored = "" if ignore_class is None else f" (or {ignore_class}, which its loss ignores)"
-    return (f"`{model.name}` has {classes} classes, so its labels are class indices from 0 "
-            f"to {classes - 1}{ignored}. Received: a label of {label}")
+class _LabelCheck:
+    """Refuses labels outside `classes` (bar `ignore_class`) in one line.
+    Picklable, for a `PyDataset`'s worker processes."""
+
+    def __init__(self, model_name, classes, ignore_class):
+        self.model_name, self.classes, self.ignore_class = model_name, classes, ignore_class
+
+    def message(self, label):
+        ignored = ("" if self.ignore_class is None
+                   else f" (or {self.ignore_class}, which its loss ignores)")
+        return (f"`{self.model_name}` has {self.classes} classes, so its labels are class "
+                f"indices from 0 to {self.classes - 1}{ignored}. Received: a label of {label}")
+
+    def labels(self, labels):
+        """Raises for an array or a backend's tensor of labels."""
+        labels = (keras.ops.convert_to_numpy(labels) if keras.ops.is_tensor(labels)
+                  else np.asarray(labels))
+        label = _first_outside(labels, self.classes, self.ignore_class)
+        if label is not None:
+            raise ValueError(self.message(label))
+
+    def __call__(self, batch):
+        """`batch` of a generator or a `PyDataset`, its labels checked."""
+        if isinstance(batch, tuple) and len(batch) > 1 and hasattr(batch[1], "shape"):
+            self.labels(batch[1])
+        return batch
+
+
+def _label_check(model, classes=None):
+    """The `_LabelCheck` of `model`'s sparse cross-entropy, or None."""
+    sparse = _sparse_cross_entropy(model)
+    if sparse is None and classes is None:
+        return None
+    ignore_class = None if sparse is None else sparse[1]
+    return _LabelCheck(model.name, classes or sparse[0], ignore_class)
+
+
+class _CheckedBatches(keras.utils.PyDataset):
+    """A `PyDataset` whose batches' labels are checked as they are read."""
+
+    def __init__(self, batches, check):
+        super().__init__(workers=batches.workers, use_multiprocessing=batches.use_multiprocessing,
+                         max_queue_size=batches.max_queue_size)
+        self.batches, self.check = batches, check
+
+    def __getitem__(self, index):
+        return self.check(self.batches[index])
+
+    def __len__(self):
+        return len(self.batches)
+
+    @property
+    def num_batches(self):
+        return self.batches.num_batches
+
+    def on_epoch_begin(self):
+        self.batches.on_epoch_begin()
+
+    def on_epoch_end(self):
+        self.batches.on_epoch_end()
 
 
 def _first_outside(labels, classes, ignore_class, chunk=1 << 20):
@@ -546,27 +604,30 @@ def _labels_checked(model, x, y):
     """Refuses, in one line, a label outside the classes of a sparse
     cross-entropy, where no op of the step would: JAX's gather took it and
     trained on silently, and torch raised an IndexError with its trace.
-    Arrays are checked here, on every backend; a pipeline on JAX or torch is
-    returned with an assertion mapped over its batches, which
-    `_step_errors_named` words. On TensorFlow the loss's op finds a
-    pipeline's label as the step runs."""
-    sparse = _sparse_cross_entropy(model)
-    if sparse is None:
+    Arrays are checked here, on every backend. On JAX, a pipeline is
+    returned with an assertion mapped over its batches (which
+    `_step_errors_named` words), and a generator or `PyDataset` with each
+    batch checked as it is read. On TensorFlow the loss's op finds a bad
+    label of those as the step runs, and on torch `_step_errors_named`
+    words torch's error."""
+    check = _label_check(model)
+    if check is None:
         return x
-    classes, ignore_class = sparse
+    backend = keras.backend.backend()
+    if isinstance(x, keras.utils.PyDataset):
+        return _CheckedBatches(x, check) if backend == "jax" else x
+    if isinstance(x, types.GeneratorType):
+        return (check(batch) for batch in x) if backend == "jax" else x
     if not is_dataset(x):
-        if not (hasattr(y, "shape") and hasattr(y, "dtype")):
-            return x
-        labels = keras.ops.convert_to_numpy(y) if keras.ops.is_tensor(y) else np.asarray(y)
-        label = _first_outside(labels, classes, ignore_class)
-        if label is not None:
-            raise ValueError(_outside_classes(model, classes, ignore_class, label))
+        if hasattr(y, "shape") and hasattr(y, "dtype"):
+            check.labels(y)
         return x
     tf = loaded_tensorflow()
     spec = x.element_spec
-    if (keras.backend.backend() == "tensorflow" or not isinstance(spec, tuple) or len(spec) < 2
+    if (backend == "tensorflow" or not isinstance(spec, tuple) or len(spec) < 2
             or not isinstance(spec[1], tf.TensorSpec)):
         return x
+    classes, ignore_class = check.classes, check.ignore_class
 
     def checked(images, labels, *rest):
         found = tf.cast(labels, tf.int64)
