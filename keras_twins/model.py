@@ -222,11 +222,12 @@ class ImageModel(keras.Model):
         return _labels_checked(self, x, y)
 
     def _checked_validation(self, data):
-        """`fit`'s `validation_data` through `_check_inputs`: a pipeline, or
-        a tuple (or list) of images, targets and maybe sample weights."""
+        """`fit`'s `validation_data` through `_check_inputs`: a tuple (or
+        list) of images, targets and maybe sample weights, or batches of them
+        (a pipeline, a generator or a `PyDataset`)."""
         if isinstance(data, (tuple, list)) and len(data) in (2, 3):
             return (self._check_inputs(data[0], data[1]), *data[1:])
-        return self._check_inputs(data, None) if is_dataset(data) else data
+        return data if data is None else self._check_inputs(data, None)
 
     def _check_targets(self, x, y):
         """Refuses targets that cannot fit the outputs, in one line, where
@@ -604,20 +605,20 @@ def _labels_checked(model, x, y):
     """Refuses, in one line, a label outside the classes of a sparse
     cross-entropy, where no op of the step would: JAX's gather took it and
     trained on silently, and torch raised an IndexError with its trace.
-    Arrays are checked here, on every backend. On JAX, a pipeline is
-    returned with an assertion mapped over its batches (which
+    Arrays are checked here, on every backend. On JAX and torch, a pipeline
+    is returned with an assertion mapped over its batches (which
     `_step_errors_named` words), and a generator or `PyDataset` with each
-    batch checked as it is read. On TensorFlow the loss's op finds a bad
-    label of those as the step runs, and on torch `_step_errors_named`
-    words torch's error."""
+    batch checked as it is read (on a GPU, torch's loss ends in a device-side
+    assert). On TensorFlow the loss's op finds a bad label of those as the
+    step runs."""
     check = _label_check(model)
     if check is None:
         return x
     backend = keras.backend.backend()
     if isinstance(x, keras.utils.PyDataset):
-        return _CheckedBatches(x, check) if backend == "jax" else x
+        return _CheckedBatches(x, check) if backend != "tensorflow" else x
     if isinstance(x, types.GeneratorType):
-        return (check(batch) for batch in x) if backend == "jax" else x
+        return (check(batch) for batch in x) if backend != "tensorflow" else x
     if not is_dataset(x):
         if hasattr(y, "shape") and hasattr(y, "dtype"):
             check.labels(y)
