@@ -437,9 +437,9 @@ def _step_errors_named(model):
     """A batch refused by `_checked_as_it_runs`, or a class index outside
     the model's classes, as a one-line `ValueError`: TensorFlow finds both
     only as a step runs, and raised them with the graph's trace. Labels are
-    found so where `_labels_checked` cannot see them first (TensorFlow's
-    pipelines; a generator or `PyDataset`, whose bad label torch's loss
-    raised as an IndexError with its trace)."""
+    found so where `_labels_checked` cannot see them first: TensorFlow's
+    pipelines on TensorFlow, and on torch a `DataLoader`, whose bad label
+    torch's loss raised as an IndexError with its trace."""
     tf = loaded_tensorflow()
     # Without TensorFlow, no TensorFlow graph ran, and there is nothing to word.
     graph_error = () if tf is None else tf.errors.InvalidArgumentError
@@ -496,29 +496,6 @@ def _values_kept(model, training=False):
         raise
 
 
-def _sparse_cross_entropy(model):
-    """`(classes, ignore_class)` where `model` has one output and is compiled
-    with a sparse categorical cross-entropy, whose labels are indices into
-    the output's last axis; else None."""
-    loss = getattr(model, "loss", None)
-    if isinstance(loss, (list, tuple)) and len(loss) == 1:
-        loss = loss[0]
-    if isinstance(loss, dict) and len(loss) == 1:
-        loss = next(iter(loss.values()))
-    if isinstance(loss, str):
-        try:
-            loss = keras.losses.get(loss)
-        except ValueError:
-            return None
-    if getattr(loss, "fn", loss) is not keras.losses.sparse_categorical_crossentropy:
-        return None
-    ignore_class = loss.get_config().get("ignore_class") if hasattr(loss, "get_config") else None
-    shape = model.output_shape
-    if not (isinstance(shape, tuple) and shape and is_whole(shape[-1], least=1)):
-        return None
-    return shape[-1], ignore_class
-
-
 class _LabelCheck:
     """Refuses labels outside `classes` (bar `ignore_class`) in one line.
     Picklable, for a `PyDataset`'s worker processes."""
@@ -548,12 +525,27 @@ class _LabelCheck:
 
 
 def _label_check(model, classes=None):
-    """The `_LabelCheck` of `model`'s sparse cross-entropy, or None."""
-    sparse = _sparse_cross_entropy(model)
-    if sparse is None and classes is None:
-        return None
-    ignore_class = None if sparse is None else sparse[1]
-    return _LabelCheck(model.name, classes or sparse[0], ignore_class)
+    """The `_LabelCheck` of `model`'s loss where it is a sparse categorical
+    cross-entropy over one output, whose labels index the output's last
+    axis (or `classes`, as TensorFlow's op counted them); else None."""
+    loss = getattr(model, "loss", None)
+    if isinstance(loss, (list, tuple)) and len(loss) == 1:
+        loss = loss[0]
+    if isinstance(loss, dict) and len(loss) == 1:
+        loss = next(iter(loss.values()))
+    if isinstance(loss, str):
+        try:
+            loss = keras.losses.get(loss)
+        except ValueError:
+            loss = None
+    ignore_class = None
+    if getattr(loss, "fn", loss) is keras.losses.sparse_categorical_crossentropy:
+        if hasattr(loss, "get_config"):
+            ignore_class = loss.get_config().get("ignore_class")
+        shape = model.output_shape
+        if classes is None and isinstance(shape, tuple) and shape and is_whole(shape[-1], 1):
+            classes = shape[-1]
+    return None if classes is None else _LabelCheck(model.name, classes, ignore_class)
 
 
 class _CheckedBatches(keras.utils.PyDataset):
