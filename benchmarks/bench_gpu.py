@@ -2,7 +2,7 @@
 
     KERAS_BACKEND=jax python benchmarks/bench_gpu.py [--variants twins_svt_small ...]
                                                      [--batch 64] [--rounds 5] [--output FILE]
-    python benchmarks/bench_gpu.py --render RESULTS.json [MORE.json ...]
+    python benchmarks/bench_gpu.py --render RESULTS.json [MORE.json ...] [--output MERGED.json]
 
 For each variant, in one process, alternating the contenders round by round
 and reporting the median of the rounds:
@@ -71,14 +71,19 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--size", type=int, default=SIZE)
     parser.add_argument("--skip", nargs="*", default=[], choices=["parity", "inference", "train"])
-    parser.add_argument("--output", default="bench_gpu.json", help="the results, as JSON")
+    parser.add_argument("--output", help="the results, as JSON (default: bench_gpu.json; "
+                        "with --render, the merged results, where given)")
     parser.add_argument("--markdown", help="the results' table (default: benchmarks/GPU.md, "
                         "where the machine has a GPU)")
     parser.add_argument("--render", nargs="+", metavar="JSON",
                         help="measure nothing: merge these results into --markdown")
     args = parser.parse_args()
     if args.render:
-        return write_markdown(merged(args.render), args.markdown or MARKDOWN)
+        results = merged(args.render)
+        if args.output:
+            save(results, args.output)
+        return write_markdown(results, args.markdown or MARKDOWN)
+    args.output = args.output or "bench_gpu.json"
     if keras.backend.backend() != "jax":
         sys.exit("bench_gpu.py runs Keras on JAX, and KERAS_BACKEND is "
                  f"{keras.backend.backend()!r}")
@@ -195,14 +200,17 @@ def write_markdown(results, path):
                 f"- {variant}: timm {r['float32']['timm_peak_mb']:.0f} MB (float32), "
                 f"{r['bfloat16']['timm_peak_mb']:.0f} MB (bfloat16); JAX "
                 f"{r['keras_peak_mb']:.0f} MB, its peak since the process began (it has no "
-                "reset): the parity step's models and both inference runs.")
+                "reset): " + ("the parity step's models and " if "parity" in entry else "")
+                + "both inference runs.")
     if memory:
         lines += ["", "Peak GPU memory, from each allocator's own counter:", "", *memory]
     lines += ["", "Seconds each part took, compiling, autotuning and warm-up included:", ""]
     for variant, entry in results["variants"].items():
+        steps = ("parity", "inference", "train")
+        missing = [name for name in steps if name not in entry]
         lines.append(f"- {variant}: " + ", ".join(
-            f"{name} {entry[name]['seconds']:.0f}" for name in ("parity", "inference", "train")
-            if name in entry))
+            f"{name} {entry[name]['seconds']:.0f}" for name in steps if name in entry)
+            + (f"; not measured: {', '.join(missing)}" if missing else ""))
     temporary = f"{path}.partial"
     with open(temporary, "w") as f:
         f.write("\n".join(lines) + "\n")
