@@ -81,10 +81,22 @@ def _damaged(kind, state_dict, random_reference, directory):
         path = directory / f"truncated.{suffix}"
         path.write_bytes(data[: len(data) // 2])
         return path, "truncated"
-    if kind == "not_a_checkpoint_pth":
+    if kind == "not_a_checkpoint_pth":  # torch read it as a pickle: "KeyError: 't'"
         path = directory / "notes.pth"
         path.write_text("these are not weights\n")
-        return path, "notes.pth"
+        return path, "notes.pth: not a PyTorch checkpoint: it begins with b'these are not"
+    if kind == "web_page_pth":  # torch: "Weights only load failed", as for a pickle of code
+        path = directory / "download.pth"
+        path.write_text("<!DOCTYPE html><html>...")
+        return path, "it begins with b'<!DOCTYPE html>"
+    if kind == "empty_pth":
+        path = directory / "empty.bin"
+        path.write_bytes(b"")
+        return path, "empty.bin: an empty file"
+    if kind == "folder":
+        path = directory / "model.pth"
+        path.mkdir()
+        return path, "model.pth: a folder, not a checkpoint file"
     if kind == "not_a_checkpoint_safetensors":
         path = directory / "notes.safetensors"
         path.write_bytes(os.urandom(4096))
@@ -95,7 +107,8 @@ def _damaged(kind, state_dict, random_reference, directory):
 @pytest.mark.parametrize("kind", [
     "missing_key", "half_a_head", "unexpected_key", "shape_mismatch", "not_finite",
     "truncated_safetensors",
-    "truncated_pth", "not_a_checkpoint_pth", "not_a_checkpoint_safetensors",
+    "truncated_pth", "not_a_checkpoint_pth", "web_page_pth", "empty_pth", "folder",
+    "not_a_checkpoint_safetensors",
 ])
 def test_damaged_checkpoint_is_refused_with_one_line_and_no_output(
         kind, state_dict, random_reference, tmp_path):
@@ -109,6 +122,33 @@ def test_damaged_checkpoint_is_refused_with_one_line_and_no_output(
     assert named in message, message
     assert not output.exists()
     assert [p.name for p in tmp_path.iterdir() if "weights.h5" in p.name] == []
+
+
+def test_a_safetensors_file_under_a_pickle_suffix_is_read_as_safetensors(
+        state_dict, random_reference, tmp_path):
+    _, source = random_reference(VARIANT)
+    renamed = tmp_path / "pytorch_model.bin"
+    renamed.write_bytes((source / "model.safetensors").read_bytes())
+    read = read_checkpoint(renamed)
+    assert read.keys() == state_dict.keys()
+    assert all(np.array_equal(read[key], state_dict[key]) for key in read)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "model.pth"])
+def test_an_unreadable_checkpoint_is_named(name, random_reference, tmp_path, monkeypatch):
+    _, source = random_reference(VARIANT)
+    path = tmp_path / name
+    path.write_bytes((source / name).read_bytes())
+    opened = open
+
+    def denied(file, *args, **kwargs):  # chmod 000 does not stop root, who may run this
+        if os.fspath(file) == os.fspath(path):
+            raise PermissionError(13, "Permission denied", os.fspath(file))
+        return opened(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", denied)
+    with pytest.raises(ConversionError, match=f"{name}: cannot be read \\(Permission denied\\)$"):
+        read_checkpoint(path)
 
 
 def test_failed_conversion_leaves_an_existing_output_untouched(

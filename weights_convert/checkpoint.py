@@ -48,17 +48,22 @@ def read_checkpoint(path):
             a pickle that carries code.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ConversionError(f"{path}: a folder, not a checkpoint file")
     if not os.path.isfile(path):
         raise ConversionError(f"{path}: no such checkpoint file")
-    if path.endswith(SAFETENSORS_SUFFIX):
-        state_dict = read_safetensors(path)
-    elif path.endswith(PICKLE_SUFFIXES):
-        state_dict = _read_pickle(path)
-    else:
+    if not path.endswith((SAFETENSORS_SUFFIX,) + PICKLE_SUFFIXES):
         raise ConversionError(
             f"{path}: unknown checkpoint format; expected one of "
             f"{', '.join((SAFETENSORS_SUFFIX,) + PICKLE_SUFFIXES)}"
         )
+    try:
+        if path.endswith(SAFETENSORS_SUFFIX) or not _saved_by_torch(path):
+            state_dict = read_safetensors(path)
+        else:
+            state_dict = _read_pickle(path)
+    except OSError as error:  # unreadable: permissions, a failing disk
+        raise ConversionError(f"{path}: cannot be read ({error.strerror or error})") from None
     if not state_dict:
         raise ConversionError(f"{path}: the checkpoint holds no tensors")
     if all(key.startswith("module.") for key in state_dict):
@@ -147,6 +152,25 @@ def read_safetensors(path):
             array = (array.astype(np.uint32) << 16).view(np.float32)
         state_dict[name] = np.array(array, dtype=np.float32)
     return state_dict
+
+
+def _saved_by_torch(path):
+    """Whether the file begins as `torch.save` writes: a zip archive (since
+    torch 1.6), a pickle (before, and `pickle.dump`) or a tar archive (before
+    torch 0.4). Else torch reads it as a pickle anyway, and a text file, a web
+    page saved in the checkpoint's place or an empty file fails with
+    `KeyError: '105'`, `EOFError` or a misleading "Weights only load failed"."""
+    with open(path, "rb") as f:
+        head = f.read(262)
+    if not head:
+        raise ConversionError(f"{path}: an empty file, not a checkpoint")
+    if head.startswith((b"PK\x03\x04", b"\x80")) or head[257:262] == b"ustar":
+        return True
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1:
+        return False  # a safetensors file under another suffix
+    raise ConversionError(
+        f"{path}: not a PyTorch checkpoint: it begins with {head[:24]!r}, neither a zip "
+        "archive nor a pickle (a text file or a web page saved in its place?)")
 
 
 def _read_pickle(path):
