@@ -74,7 +74,7 @@ def main(argv=None):
                         help="'imagenet' (default), a checkpoint path, or 'none'; "
                              "not for a .keras model")
     export.add_argument("--format", required=True, help="saved_model, tflite or onnx")
-    export.add_argument("--output", required=True, help="the file (or SavedModel folder)")
+    export.add_argument("--output", "-o", required=True, help="the file (or SavedModel folder)")
     export.add_argument("--quantize", default="none",
                         help="TFLite: none, float16, dynamic, int8 or int8-mixed")
     export.add_argument("--representative-data", help="image folder for int8 calibration")
@@ -90,7 +90,7 @@ def main(argv=None):
     train = commands.add_parser("train", help="train or fine-tune with model.fit")
     train.add_argument("--data", required=True,
                        help="tfds:NAME or an image folder ROOT/SPLIT/LABEL/*.jpg|png|webp")
-    train.add_argument("--output", required=True, help="the run folder")
+    train.add_argument("--output", "-o", required=True, help="the run folder")
     train.add_argument("--model", default="twins_svt_small",
                        help="variant name, or a JSON file of keras_twins.Twins arguments")
     train.add_argument("--weights", default="none",

@@ -59,7 +59,7 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, capfd):
     assert sorted(os.path.basename(p) for p in split.skipped) == ["broken.png", "text.jpg"]
     code, out, err = run_cli(capfd, "train", "--data", data, "--model", json_config(tmp_path),
                              "--image-size", "32", "--epochs", "1", "--batch-size", "4",
-                             "--augment", "none", "--output", tmp_path / "run")
+                             "--augment", "none", "-o", tmp_path / "run")
     assert code == 0, err[-2000:]
     assert "skipped 2 unreadable image file(s)" in out
 

@@ -489,7 +489,7 @@ def test_cli_export_writes_a_file_and_reports(tmp_path, capfd):
     outputs, _ = run_tflite(output, np.zeros((1, 97, 131, 3), np.float32))
     assert outputs.shape == (1, 10)
     code, out, err = run_cli(capfd, "export", "--model", config, "--weights", "none",
-                             "--format", "saved_model", "--output", tmp_path / "any",
+                             "--format", "saved_model", "-o", tmp_path / "any",
                              "--batch-size", "any")
     assert code == 0, err
     assert "input Nx224x224x3" in out
