@@ -107,6 +107,15 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
     _check_choice("format", format, FORMATS)
     _check_choice("quantize", quantize, QUANTIZATIONS)
     _check_choice("output", output, OUTPUTS)
+    quantized = sorted({layer.quantization_mode for layer in model._flatten_layers()} - {None})
+    if quantized and (format == "tflite" or format == "onnx" and "float8" in quantized):
+        # Int8 kernels reach the TFLite converter as int8 products it has no
+        # kernel for; tf2onnx has no float8 type.
+        converter = {"tflite": "TFLite", "onnx": "ONNX"}[format]
+        raise ExportError(f"`model` has layers quantized by `model.quantize` "
+                          f"({', '.join(quantized)}), which the {converter} converter cannot take: "
+                          "export the float model (to TFLite with quantize='dynamic' for int8 "
+                          "weights, or 'int8' for a full-integer file). A SavedModel takes it")
     if quantize != "none" and format != "tflite":
         raise ExportError(f"quantization is for TFLite only. Received: format={format!r}, "
                           f"quantize={quantize!r}")
@@ -192,15 +201,20 @@ def _computing_in_float32(model):
     would not load. Their float32 files compute as the float32 model does;
     a SavedModel keeps the model's own precision.
     """
-    if all(layer.dtype_policy.compute_dtype == "float32" for layer in model._flatten_layers()):
+    if all(layer.compute_dtype == "float32" for layer in model._flatten_layers()):
         return model
 
     def float32(config):
         if isinstance(config, dict):
-            if config.get("class_name") == "DTypePolicy" and str(
-                    config.get("config", {}).get("name")).startswith("mixed_"):
-                return {**config, "config": {**config["config"], "name": "float32"}}
-            return {key: float32(value) for key, value in config.items()}
+            config = {key: float32(value) for key, value in config.items()}
+            if str(config.get("class_name")).endswith(("DTypePolicy", "DTypePolicyMap")):
+                # A policy's name; a quantized one's source (int8_from_mixed_bfloat16);
+                # the default of a map of policies (a quantized model's blocks).
+                config["config"] = {
+                    key: "float32" if key in ("name", "source_name", "default_policy")
+                    and str(value).startswith("mixed_") else value
+                    for key, value in config["config"].items()}
+            return config
         if isinstance(config, list):
             return [float32(value) for value in config]
         return config
@@ -324,7 +338,14 @@ def _forward(model, output):
     features = keras.Model(model.input, head.input)
 
     def logits(images):
-        return keras.ops.matmul(features(images, training=False), head.kernel) + head.bias
+        # The head as it computes, without its softmax: its kernel is int8 and
+        # scaled after `model.quantize`, which a product with `head.kernel`
+        # ignored, giving logits hundreds of times too large.
+        activation, head.activation = head.activation, keras.activations.linear
+        try:
+            return head(features(images, training=False))
+        finally:
+            head.activation = activation
 
     return logits
 

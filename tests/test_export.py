@@ -629,6 +629,46 @@ def test_a_mixed_precision_model_exports_as_its_float32_model(tmp_path):
     assert not (tmp_path / "custom.tflite").exists()
 
 
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_a_model_quantized_by_keras_saves_loads_and_exports(policy, tmp_path):
+    """`model.quantize("int8")` stopped at an unbuilt drop path; once past it,
+    the saved model did not load (the blocks rebuilt float Dense layers), and
+    an ONNX file of logits multiplied by the int8 kernel without its scale."""
+    import onnxruntime
+
+    keras.config.set_dtype_policy(policy)
+    try:
+        model = keras_twins.Twins(**TINY, input_shape=(32, 32, 3), classes=3)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    before = model.predict(images, verbose=0)
+    with pytest.warns(UserWarning, match="does not have a `quantize` method"):
+        model.quantize("int8")  # Keras warns of each kind of layer it leaves as it is
+    after = model.predict(images, verbose=0)
+    assert model.get_layer("stage_1_block_1").mlp.fc1.quantization_mode == "int8"
+    assert 0 < np.abs(after - before).max() < 0.05
+
+    model.save(tmp_path / "int8.keras")
+    loaded = keras.models.load_model(tmp_path / "int8.keras")
+    np.testing.assert_array_equal(loaded.predict(images, verbose=0), after)
+    assert loaded.get_layer("stage_1_block_1").mlp.fc1.quantization_mode == "int8"
+
+    logits = keras.Model(model.input, model.get_layer("head").output)  # softmax's input...
+    logits.get_layer("head").activation = keras.activations.linear  # ...computed here
+    expected = logits.predict(images, verbose=0)
+    logits.get_layer("head").activation = keras.activations.softmax
+    path = export(loaded, tmp_path / "logits.onnx", format="onnx", output="logits",
+                  batch_size=None)
+    session = onnxruntime.InferenceSession(str(path))
+    outputs = session.run(None, {session.get_inputs()[0].name: images})[0]
+    np.testing.assert_allclose(outputs, expected, atol=1e-4 if policy == "float32" else 0.02)
+    with pytest.raises(ExportError, match=r"^`model` has layers quantized by `model.quantize` "
+                       r"\(int8\), which the TFLite converter cannot take: export the float"):
+        export(loaded, tmp_path / "int8.tflite")
+    assert not (tmp_path / "int8.tflite").exists()
+
+
 def test_cli_export_takes_the_smallest_size_of_the_model(tmp_path, capsys):
     """--image-size was refused under 32 whatever the model."""
     from keras_twins import cli

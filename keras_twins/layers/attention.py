@@ -12,6 +12,7 @@ from keras import ops
 
 from keras_twins.checks import require_positive_integers
 from keras_twins.layers import initializers
+from keras_twins.layers.composite import Composite
 from keras_twins.layers.tokens import dense_over_tokens
 
 # At most this many 2-D products per attention matmul when they are traced one
@@ -55,7 +56,7 @@ def _matmul(a, b):
     return ops.reshape(ops.stack(products), (*lead, a.shape[-2], b.shape[-1]))
 
 
-class MultiHeadAttentionCore(keras.layers.Layer):
+class MultiHeadAttentionCore(Composite):
     """Base of the two Twins attentions; subclasses form queries, keys and values.
 
     Args:

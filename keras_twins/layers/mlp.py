@@ -5,12 +5,13 @@ import keras
 from keras import ops
 
 from keras_twins.layers import initializers
+from keras_twins.layers.composite import Composite
 from keras_twins.layers.registration import register
 from keras_twins.layers.tokens import dense_2d
 
 
 @register
-class MLP(keras.layers.Layer):
+class MLP(Composite):
     """Feed-forward network of a transformer block: Dense, GELU, Dense.
 
     The GELU is the exact (erf) form, as PyTorch's `nn.GELU()`; note that

@@ -1,12 +1,13 @@
 import keras
 
 from keras_twins.layers import initializers
+from keras_twins.layers.composite import Composite
 from keras_twins.layers.layer_norm import LayerNorm
 from keras_twins.layers.registration import register
 
 
 @register
-class PatchEmbedding(keras.layers.Layer):
+class PatchEmbedding(Composite):
     """Non-overlapping patch embedding: a strided convolution, then LayerNorm.
 
     Sizes that are not a multiple of `patch_size` are floored, as a "valid"

@@ -1,6 +1,7 @@
 import keras
 
 from keras_twins.checks import require_positive_integers
+from keras_twins.layers.composite import Composite
 from keras_twins.layers.global_subsampled_attention import GlobalSubsampledAttention
 from keras_twins.layers.layer_norm import LayerNorm
 from keras_twins.layers.locally_grouped_attention import LocallyGroupedSelfAttention
@@ -10,7 +11,7 @@ from keras_twins.layers.stochastic_depth import StochasticDepth
 
 
 @register
-class TransformerBlock(keras.layers.Layer):
+class TransformerBlock(Composite):
     """Pre-norm transformer block with LSA or GSA attention.
 
         x = x + drop_path(attention(norm1(x)))
@@ -70,7 +71,10 @@ class TransformerBlock(keras.layers.Layer):
         self.drop_path = StochasticDepth(drop_path_rate, dtype=policy)
 
     def build(self, input_shape):
-        for layer in (self.norm1, self.attention, self.norm2, self.mlp):
+        # The drop path too, though it holds no weights: Keras' functional
+        # model never calls it (the block's output shape is computed, not
+        # traced), and an unbuilt layer stopped `model.quantize`.
+        for layer in (self.norm1, self.attention, self.norm2, self.mlp, self.drop_path):
             layer.build(input_shape)
 
     def call(self, inputs, training=None):
