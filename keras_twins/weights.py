@@ -8,6 +8,8 @@ import tempfile
 import warnings
 import zipfile
 
+import numpy as np
+
 # What `weights=` takes, besides "imagenet": Keras' files and PyTorch checkpoints.
 WEIGHTS_SUFFIXES = (".h5", ".keras", ".safetensors", ".pth", ".pt", ".bin")
 
@@ -69,21 +71,45 @@ def _load_keras_weights(model, path, classes):
     """
     try:
         _load_with_its_warnings(model, path)
-        return
     except Exception as error:  # Keras raises several types; say which file.
         failure = error
+    else:
+        return _check_finite(model, path)
     contents = _weights_file_contents(path)
     if contents and contents.where and contents.architecture in (None, _architecture_of(model)):
         with tempfile.TemporaryDirectory() as folder:
             try:
                 _load_with_its_warnings(model, _extract_layer(path, contents.where, folder))
-                return
             except Exception as error:
                 failure = error
+            else:
+                return _check_finite(model, path)
     raise ValueError(_head_mismatch(failure, path, classes) or
                      _other_architecture(path, model, contents) or
                      f"Could not load the weights file {path} into {model.name}: "
                      f"{_first_part(failure)}") from None
+
+
+def _check_finite(model, path):
+    """Refuses NaN or infinite weights, as the converter refuses them in a
+    checkpoint: a run that diverged saves them, and its model predicted NaN."""
+    for variable in model.weights:
+        if "float" not in variable.dtype:
+            continue  # a seed generator's state
+        values = _on_the_host(variable.value)
+        bad = values.size - np.count_nonzero(np.isfinite(values))
+        if bad:
+            raise ValueError(f"{path}: {variable.path!r} holds {bad} non-finite "
+                             f"value{'s' if bad > 1 else ''} (NaN or infinity): a damaged "
+                             "file, or one saved after training diverged")
+
+
+def _on_the_host(value):
+    """A backend's array as NumPy's, without NumPy 2's copy-keyword warning
+    that `np.asarray` of a TensorFlow variable or a torch tensor gives."""
+    if hasattr(value, "detach"):  # torch
+        value = value.detach().cpu()
+    return value.numpy() if hasattr(value, "numpy") else np.asarray(value)
 
 
 def _load_with_its_warnings(model, path):

@@ -166,6 +166,9 @@ def test_weights_file_round_trip_with_and_without_head(tmp_path):
     headless.save_weights(tmp_path / "headless.weights.h5")
     model.save(tmp_path / "tiny.keras")
     keras_twins.TwinsSVTSmall(include_top=False).save_weights(tmp_path / "svt.weights.h5")
+    kernel = model.get_layer("stage_1_block_1").mlp.fc2.kernel
+    kernel.assign(np.where(np.eye(*kernel.shape, dtype=bool), np.nan, kernel.numpy()))
+    model.save_weights(tmp_path / "diverged.weights.h5")
     # A file that does not fit gets the one-line error and none of Keras' warnings.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -191,6 +194,12 @@ def test_weights_file_round_trip_with_and_without_head(tmp_path):
         with pytest.raises(ValueError, match=re.escape(
                 "headless.weights.h5 has no classification head")):
             keras_twins.Twins(**TINY, classes=5, weights=str(tmp_path / "headless.weights.h5"))
+        # A diverged run's weights loaded silently, and the model predicted NaN.
+        with pytest.raises(ValueError, match=re.escape(
+                "diverged.weights.h5: 'stage_1_block_1/mlp/fc2/kernel' holds 16 non-finite "
+                "values (NaN or infinity): a damaged file, or one saved after training "
+                "diverged") + "$"):
+            keras_twins.Twins(**TINY, classes=5, weights=str(tmp_path / "diverged.weights.h5"))
     assert [str(warning.message) for warning in caught] == []
 
 
