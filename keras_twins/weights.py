@@ -10,6 +10,8 @@ import zipfile
 
 import numpy as np
 
+from weights_convert.mapping import check_finite
+
 # What `weights=` takes, besides "imagenet": Keras' files and PyTorch checkpoints.
 WEIGHTS_SUFFIXES = (".h5", ".keras", ".safetensors", ".pth", ".pt", ".bin")
 
@@ -91,17 +93,13 @@ def _load_keras_weights(model, path, classes):
 
 
 def _check_finite(model, path):
-    """Refuses NaN or infinite weights, as the converter refuses them in a
-    checkpoint: a run that diverged saves them, and its model predicted NaN."""
+    """Refuses NaN or infinite weights (a `ValueError`), as the converter
+    refuses them in a checkpoint: a run that diverged saves them, and its
+    model predicted NaN."""
     for variable in model.weights:
         if "float" not in variable.dtype:
             continue  # a seed generator's state
-        values = _on_the_host(variable.value)
-        bad = values.size - np.count_nonzero(np.isfinite(values))
-        if bad:
-            raise ValueError(f"{path}: {variable.path!r} holds {bad} non-finite "
-                             f"value{'s' if bad > 1 else ''} (NaN or infinity): a damaged "
-                             "file, or one saved after training diverged")
+        check_finite(_on_the_host(variable.value), path, variable.path, kind="file")
 
 
 def _on_the_host(value):

@@ -60,6 +60,15 @@ def _permutation(keras_path, rank):
     return tuple(range(rank))
 
 
+def check_finite(array, source, name, kind="checkpoint"):
+    """Refuses an `array` (`name` in `source`) holding NaN or infinity."""
+    bad = np.size(array) - np.count_nonzero(np.isfinite(array))
+    if bad:
+        raise ConversionError(
+            f"{source}: {name!r} holds {bad} non-finite value{'s' if bad > 1 else ''} "
+            f"(NaN or infinity): a damaged {kind}, or one saved after training diverged")
+
+
 def assign_state_dict(model, state_dict, source, include_top=True):
     """Assigns reference weights to `model`, strictly.
 
@@ -109,13 +118,7 @@ def assign_state_dict(model, state_dict, source, include_top=True):
                 f"{source}: shape mismatch for {key!r}: checkpoint has "
                 f"{list(tensor.shape)}, {model.name} expects {expected_shape}"
             )
-        bad = np.size(tensor) - np.count_nonzero(np.isfinite(tensor))
-        if bad:
-            raise ConversionError(
-                f"{source}: {key!r} holds {bad} non-finite value{'s' if bad > 1 else ''} "
-                "(NaN or infinity): a damaged checkpoint, or one saved after training "
-                "diverged"
-            )
+        check_finite(tensor, source, key)
         arrays.append((variable, np.transpose(tensor, permutation)))
     for variable, array in arrays:
         variable.assign(array)
