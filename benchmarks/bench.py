@@ -178,6 +178,7 @@ def _bench_variant(variant, rounds):
     flops = 2 * count_macs(**keras_twins.VARIANTS[variant]["config"])  # per image
 
     keras_model = keras_twins.CONSTRUCTORS[variant](input_shape=(SIZE, SIZE, 3))
+    spread_like_trained(keras_model)
     timm_model = timm.create_model(variant, pretrained=False).eval()
 
     # Throughput over a few batches per call, as predict and fit are used:
@@ -273,10 +274,34 @@ def _bench_variant(variant, rounds):
     return measured
 
 
-def _litert(path, image):
+def spread_like_trained(model, spread=0.1, seed=0):
+    """Norm scales near 1, shifts and biases near 0, as in a trained model.
+
+    Keras starts every norm scale at exactly 1 and every shift and bias at
+    0. Exported as it is, a LayerNorm that follows another sees a mean of 0
+    in every token: calibration gives that mean a scale of ~1e-8, XNNPACK
+    refuses the int8 SUB that centres the tokens (its input-to-output scale
+    ratio must be at least 1/1024), and LiteRT runs it in its reference
+    kernel. `perf` put 10% of the full-integer file's CPU time there, and
+    both int8 files ran ~5 ms slower than a model with these values spread
+    (SVT-S on a 2-core EPYC; spreads of 0.02, 0.1 and 0.5 gave the same
+    times). A trained model has no such zero-mean norms. The float files'
+    speed does not depend on the values.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for weight in model.weights:
+        if len(weight.shape) == 1:
+            centre = 1.0 if weight.path.endswith("gamma") else 0.0
+            values = centre + spread * rng.standard_normal(weight.shape)
+            weight.assign(values.astype(weight.dtype))
+
+
+def _litert(path, image, threads=THREADS):
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_path=path, num_threads=THREADS)
+    interpreter = Interpreter(model_path=path, num_threads=threads)
     interpreter.allocate_tensors()
     index = interpreter.get_input_details()[0]["index"]
 
@@ -349,6 +374,10 @@ def _peak_memory(process, variant, threading):
             for _ in range(3):
                 model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
     else:
+        # As keras_twins installs: without jax. TensorFlow's TFLite module
+        # imports jax where it is installed (the test extras install it),
+        # and that added 109 MB to this process, before any model.
+        sys.modules["jax"] = None
         import keras_twins
 
         _configure_tensorflow(threading)
@@ -375,7 +404,10 @@ def _write_report(path, results, matmul, rounds, threading):
         f"Written by `make bench` (`benchmarks/bench.py`) on "
         f"{datetime.date.today().isoformat()}: {_cpu()}, {THREADS} threads for every "
         f"contender, {SIZE}x{SIZE} float32, best of {rounds} alternating rounds "
-        f"({rounds * 4} for batch-1 latency), random weights.",
+        f"({rounds * 4} for batch-1 latency), random weights; the exported model's "
+        "norm scales and biases are spread as a trained model's "
+        "(`spread_like_trained`: with Keras' initial 1 and 0 each int8 file ran ~5 ms "
+        "slower).",
         "",
         "On a GPU (Keras on JAX against timm): `benchmarks/GPU.md`, written by "
         "`benchmarks/bench_gpu.py`.",
@@ -395,7 +427,9 @@ def _write_report(path, results, matmul, rounds, threading):
         + "): with glibc's defaults, timm's batches took up to 1.4x longer in a fresh "
         "process than in one whose heap had grown. Memory runs use the defaults; each "
         f"peak is the median of {MEMORY_RUNS} processes per framework, alternating (the "
-        "range is listed below the table).",
+        "range is listed below the table). keras_twins' process runs without jax, as "
+        "keras_twins installs (TensorFlow imports jax where it is installed); timm's maps "
+        "the CUDA libraries of PyTorch's default Linux build.",
         "",
         f"float32 matrix multiply (2048x2048, {THREADS} at a time) on this machine: "
         + ", ".join(f"{name} {rate:.0f} GFLOP/s" for name, rate in matmul.items()) + ".",
@@ -444,13 +478,18 @@ def _write_report(path, results, matmul, rounds, threading):
 
 
 def _cpu():
+    """The CPU's name, and whether it has AVX-512: hosts named alike differ in it."""
     try:
         with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name"))
+            lines = f.read().splitlines()
+        name = next(line.split(":", 1)[1].strip() for line in lines
+                    if line.startswith("model name"))
+        flags = next(line.split(":", 1)[1].split() for line in lines
+                     if line.startswith("flags"))
+        vector = "AVX-512" if "avx512f" in flags else "no AVX-512"
     except (OSError, StopIteration):
-        name = platform.processor() or "unknown CPU"
-    return f"{name} ({os.cpu_count()} cores)"
+        return f"{platform.processor() or 'unknown CPU'} ({os.cpu_count()} cores)"
+    return f"{name} ({os.cpu_count()} cores, {vector})"
 
 
 if __name__ == "__main__":

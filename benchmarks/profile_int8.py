@@ -2,13 +2,15 @@
 
     python benchmarks/profile_int8.py [--variant twins_svt_small] [--rounds 10]
 
-Exports the variant (random weights, 224x224, batch 1) as float32, as
+Exports the variant (random weights, norm scales and biases spread as
+`bench.spread_like_trained` does; 224x224, batch 1) as float32, as
 full-integer int8 and as int8-mixed, the way `keras_twins.export` does; then
 as full-integer int8 with the attention products left as BATCH_MATMUL (what
 the export avoids), and with one group of ops without an int8 kernel in
 XNNPACK left in float32 at a time, the way `int8-mixed` leaves all of them.
-Each file runs in LiteRT on 2 threads with XNNPACK; the script prints its
-best latency over alternating rounds. What a group costs in int8 is the
+Each file runs in LiteRT on 2 threads with XNNPACK, and the float32 and
+full-integer files on 1 thread too; the script prints each best latency
+over alternating rounds. What a group costs in int8 is the
 full-integer time minus the time with that group in float32. It is the
 profile behind the int8 bound in README's Performance section.
 """
@@ -17,7 +19,7 @@ import argparse
 import os
 import tempfile
 
-from bench import _best_times, _litert, _restart_keeping_freed_memory
+from bench import _best_times, _litert, _restart_keeping_freed_memory, spread_like_trained
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -44,6 +46,7 @@ def main():
     from keras_twins.layers.attention import products_as_fully_connected
 
     model = keras_twins.CONSTRUCTORS[args.variant](input_shape=(224, 224, 3))
+    spread_like_trained(model)
     spec = tf.TensorSpec((1, 224, 224, 3), tf.float32, name="images")
     rng = np.random.default_rng(0)
     image = rng.uniform(0, 255, (1, 224, 224, 3)).astype(np.float32)
@@ -59,6 +62,8 @@ def main():
             path = export.export(model, os.path.join(folder, f"{quantize}.tflite"),
                                  quantize=quantize, representative_data=calibration)
             runs[name] = _litert(path, image)
+            if quantize != "int8-mixed":  # does the file gain from the second thread?
+                runs[f"{name} on 1 thread"] = _litert(path, image, threads=1)
 
         def samples():
             return iter(export._calibration(calibration, spec)())
