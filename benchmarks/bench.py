@@ -278,15 +278,15 @@ def spread_like_trained(model, spread=0.1, seed=0):
     """Norm scales near 1, shifts and biases near 0, as in a trained model.
 
     Keras starts every norm scale at exactly 1 and every shift and bias at
-    0. Exported as it is, a LayerNorm that follows another sees a mean of 0
-    in every token: calibration gives that mean a scale of ~1e-8, XNNPACK
+    0. Exported as it is, a LayerNorm that follows another sees a mean of 0,
+    or nearly, in every token: calibration gives that mean a scale of ~1e-8, XNNPACK
     refuses the int8 SUB that centres the tokens (its input-to-output scale
     ratio must be at least 1/1024), and LiteRT runs it in its reference
     kernel. `perf` put 10% of the full-integer file's CPU time there, and
-    both int8 files ran ~5 ms slower than a model with these values spread
-    (SVT-S on a 2-core EPYC; spreads of 0.02, 0.1 and 0.5 gave the same
-    times). A trained model has no such zero-mean norms. The float files'
-    speed does not depend on the values.
+    SVT-S's int8 files ran 4-7 ms slower than with these values spread (a
+    2-core EPYC; spreads of 0.02, 0.1 and 0.5 gave the same times). A
+    trained model has no such zero-mean norms. The float files' speed does
+    not depend on the values.
     """
     import numpy as np
 
@@ -406,8 +406,8 @@ def _write_report(path, results, matmul, rounds, threading):
         f"contender, {SIZE}x{SIZE} float32, best of {rounds} alternating rounds "
         f"({rounds * 4} for batch-1 latency), random weights; the exported model's "
         "norm scales and biases are spread as a trained model's "
-        "(`spread_like_trained`: with Keras' initial 1 and 0 each int8 file ran ~5 ms "
-        "slower).",
+        "(`spread_like_trained`: with Keras' initial 1 and 0, SVT-S's int8 files ran "
+        "4-7 ms slower).",
         "",
         "On a GPU (Keras on JAX against timm): `benchmarks/GPU.md`, written by "
         "`benchmarks/bench_gpu.py`.",
