@@ -168,6 +168,7 @@ def _predict(args):
     from keras_twins.export import class_names
     from keras_twins.images import load_image
     from keras_twins.model import classifier_outputs
+    from keras_twins.model import image_input_problem
     from keras_twins.pretrained import WeightsDownloadError
     from keras_twins.weights import WEIGHTS_SUFFIXES
 
@@ -190,6 +191,8 @@ def _predict(args):
             model = _model(args.model, args.weights)
     except (ValueError, WeightsDownloadError) as error:
         raise CommandError(_one_line(error)) from None
+    if problem := image_input_problem(model):  # a checkpoint of a 1-channel model, say
+        raise CommandError(f"{args.model}: {problem}")
     outputs = classifier_outputs(model)
     if outputs is None:
         raise CommandError(f"{args.model}: not an image classifier (its output has shape "
@@ -277,7 +280,7 @@ def _is_keras_file(model):
     return model.lower().endswith(".keras")
 
 
-def _model(model, weights):
+def _model(model, weights, any_channels=False):
     """The model named by `--model` with `--weights`, taking any input size.
 
     `model` is a variant name or a JSON file of `keras_twins.Twins` keyword
@@ -299,7 +302,7 @@ def _model(model, weights):
                                "holds its own weights")
         if not os.path.isfile(model):
             raise CommandError(f"{model}: no such model file")
-        return load_keras_model(model)
+        return load_keras_model(model, any_channels)
     weights = "imagenet" if weights is None else weights
     if weights not in ("imagenet", "none") and not os.path.isfile(weights):
         raise CommandError(f"{weights}: no such weights file")
@@ -339,6 +342,7 @@ def _export(args):
     from keras_twins.export import class_names
     from keras_twins.export import export
     from keras_twins.export import export_size
+    from keras_twins.export import input_color
     from keras_twins.export import tflite_report
     from keras_twins.pretrained import WeightsDownloadError
 
@@ -351,7 +355,7 @@ def _export(args):
     try:
         with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", SkippedImagesWarning)
-            model = _model(args.model, args.weights)
+            model = _model(args.model, args.weights, any_channels=True)
             with _warnings_shown(LabelsWarning):
                 labels = class_names(model, args.model if _is_keras_file(args.model) else None)
             path = export(model, args.output, format=args.format, quantize=args.quantize,
@@ -363,8 +367,9 @@ def _export(args):
         raise CommandError(_one_line(error)) from None
     height, width = export_size(model, image_size)
     batch = "N" if args.batch_size is None else args.batch_size
-    lines = [f"wrote {path} ({args.format}, input {batch}x{height}x{width}x3 "
-             "float32 RGB in [0, 255]) and labels.txt beside it"]
+    channels = model.input_shape[-1]
+    lines = [f"wrote {path} ({args.format}, input {batch}x{height}x{width}x{channels} "
+             f"float32 {input_color(channels)} in [0, 255]) and labels.txt beside it"]
     lines += [str(w.message) for w in caught if issubclass(w.category, SkippedImagesWarning)]
     if args.format == "tflite":
         report = tflite_report(path)

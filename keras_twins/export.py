@@ -1,9 +1,9 @@
 """Export to SavedModel, TFLite (LiteRT) and ONNX.
 
-Every format takes the same input: a float32 batch of RGB images, pixels in
-[0, 255] (the model normalizes inside), of a fixed size and batch, so every
-shape in the exported graph is static. The output is class probabilities,
-or logits. `labels.txt` is written beside the exported model.
+Every format takes the same input: a float32 batch of RGB images (or of
+the model's channels), pixels in [0, 255] (the model normalizes inside), of
+a fixed size and batch, so every shape in the exported graph is static. The
+output is class probabilities, or logits. `labels.txt` is written beside the exported model.
 """
 
 import contextlib
@@ -46,6 +46,15 @@ INPUT_CONTRACT = {
 }
 
 
+# What int8 calibration reads image files as: grayscale or RGB.
+CALIBRATION_CHANNELS = (1, 3)
+
+
+def input_color(channels):
+    """The input contract's "color" for an input of `channels` channels."""
+    return {1: "grayscale", 3: "RGB"}.get(channels, f"{channels} channels")
+
+
 class ExportError(ValueError):
     """An export that cannot be done; the message is one line for people."""
 
@@ -60,7 +69,7 @@ class LabelsWarning(UserWarning):
 
 def export(model, path, format="tflite", quantize="none", representative_data=None,
            image_size=None, batch_size=1, output="probabilities", labels=None):
-    """Exports a Twins model (or any image classifier taking [0, 255] RGB).
+    """Exports a Twins model (or any image classifier taking [0, 255] pixels).
 
     Args:
         model: the Keras model.
@@ -99,8 +108,9 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
         raise ExportError(f"export traces the model with TensorFlow, and Keras runs on "
                           f"{backend!r}: export in a process with KERAS_BACKEND=tensorflow "
                           "(a .keras file or weights saved here load there)")
-    if problem := image_input_problem(model):
+    if problem := image_input_problem(model, any_channels=True):
         raise ExportError(f"`model` is {problem}")
+    channels = model.input_shape[-1]
     if not isinstance(path, (str, os.PathLike)):
         raise ExportError(f"`path` must be a file or folder path. Received: path={path!r}")
     path = os.path.normpath(os.fspath(path))
@@ -120,6 +130,10 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
         raise ExportError(f"quantization is for TFLite only. Received: format={format!r}, "
                           f"quantize={quantize!r}")
     if quantize.startswith("int8"):
+        if channels not in CALIBRATION_CHANNELS:
+            raise ExportError(f"int8 calibration reads image files as RGB or grayscale, and the "
+                              f"model takes {channels}-channel images: export it in float32, "
+                              "float16 or with quantize='dynamic'")
         _check_representative_data(representative_data)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
@@ -141,9 +155,9 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
     fixed = tuple(model.input_shape[1:3])
     if None not in fixed and (height, width) != fixed:
         raise ExportError(f"the model takes {fixed[0]}x{fixed[1]} images; build it with "
-                          "input_shape=(None, None, 3) to export another size. "
+                          f"input_shape=(None, None, {channels}) to export another size. "
                           f"Received: image_size={image_size!r}")
-    spec = tf.TensorSpec((batch_size, height, width, 3), tf.float32, name="images")
+    spec = tf.TensorSpec((batch_size, height, width, channels), tf.float32, name="images")
     if format != "saved_model":
         model = _computing_in_float32(model)
     forward = _forward(model, output)
@@ -161,7 +175,8 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
             _write_saved_model(function, spec, staging)
         elif format == "tflite":
             content = _tflite(function, quantize, representative_data, spec)
-            contract = dict(INPUT_CONTRACT, shape=list(spec.shape), output=output)
+            contract = dict(INPUT_CONTRACT, shape=list(spec.shape), output=output,
+                            color=input_color(channels))
             content = _packaged(content, {
                 "labels.txt": labels.encode(),
                 "input_contract.json": json.dumps(contract).encode(),
@@ -466,9 +481,10 @@ def _calibration(folder, spec, limit=200):
     `SkippedImagesWarning` naming them; a folder with none readable is an
     `ExportError`.
     """
+    from keras_twins.images import grayscale
     from keras_twins.images import load_image
 
-    batch, height, width, _ = spec.shape
+    batch, height, width, channels = spec.shape
     files, skipped = [], []
     for path in _image_files(folder):
         if len(files) == limit:
@@ -489,8 +505,10 @@ def _calibration(folder, spec, limit=200):
         # the last one filled up from the first files.
         for start in range(0, len(files), batch):
             paths = [files[(start + i) % len(files)] for i in range(batch)]
-            yield [np.stack([load_image(path, (height, width))
-                             for path in paths]).astype(np.float32)]
+            images = np.stack([load_image(path, (height, width)) for path in paths])
+            if channels == 1:
+                images = grayscale(images)
+            yield [images.astype(np.float32)]
 
     return samples
 

@@ -95,3 +95,12 @@ def _crop_size(image_size):
         raise ValueError("`image_size` must be a whole number of pixels or (height, width). "
                          f"Received: image_size={image_size!r}")
     return size
+
+
+# ITU-R BT.601 luma, as Pillow's convert("L") and tf.image.rgb_to_grayscale weigh R, G and B.
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def grayscale(images):
+    """RGB pixels `(..., 3)` as one gray channel, `(..., 1)`, in the same range."""
+    return np.asarray(images, np.float32) @ _LUMA[:, None]

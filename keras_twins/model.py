@@ -16,6 +16,8 @@ import numpy as np
 
 from keras_twins import cpu_streams
 from keras_twins import variants
+from keras_twins.channels import RGB
+from keras_twins.channels import pixel_statistics
 from keras_twins.checks import is_whole
 from keras_twins.layers import initializers
 from keras_twins.layers import LayerNorm
@@ -23,12 +25,19 @@ from keras_twins.layers import PatchEmbedding
 from keras_twins.layers import PositionalEncodingGenerator
 from keras_twins.layers import TransformerBlock
 from keras_twins.layers.layer_norm import onednn_inference_kernels
+from keras_twins.weights import copy_weights
 from keras_twins.weights import fits_pyramid_norms
 from keras_twins.weights import load_weights
+from keras_twins.weights import stem_channels
+from weights_convert.mapping import check_stem_channels
 
-# (x / 255 - mean) / std as one multiply-add.
-_PIXEL_SCALE = [[[1.0 / (255.0 * s) for s in variants.IMAGENET_STD]]]
-_PIXEL_OFFSET = [-m / s for m, s in zip(variants.IMAGENET_MEAN, variants.IMAGENET_STD)]
+
+def _pixel_scale_and_offset(channels):
+    """(x / 255 - mean) / std as one multiply-add: its scale, shaped (1, 1,
+    channels), and its offset."""
+    mean, std = pixel_statistics(channels)
+    return [[[1.0 / (255.0 * s) for s in std]]], [-m / s for m, s in zip(mean, std)]
+
 
 _WEIGHTS_ERROR = (
     "The `weights` argument should be either `None` (random initialization), "
@@ -85,10 +94,10 @@ def Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios,
         # (x / 255 - mean) / std as one multiply-add whose constants live in
         # the graph (Normalization's captured tensors became uninitialized
         # variables in TFLite and extra inputs in ONNX). The scale is shaped
-        # (1, 1, 3): Rescaling reshapes a flat one to (3, 1, 1) when Keras
+        # (1, 1, C): Rescaling reshapes a flat one to (C, 1, 1) when Keras
         # defaults to channels first.
-        x = keras.layers.Rescaling(scale=_PIXEL_SCALE, offset=_PIXEL_OFFSET,
-                                   name="preprocessing")(x)
+        scale, offset = _pixel_scale_and_offset(input_shape[-1])
+        x = keras.layers.Rescaling(scale=scale, offset=offset, name="preprocessing")(x)
 
     # Stochastic depth grows linearly over all blocks of the network.
     drop_path_rates = np.linspace(0.0, drop_path_rate, sum(depths)).tolist()
@@ -138,17 +147,22 @@ def Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios,
             # inputs' structure differs from the model's.
             inputs = inputs[0]
     model = TwinsModel(inputs, x, name=name)
-    if weights is not None and pyramid_norm and not fits_pyramid_norms(weights):
-        # The weights have no pyramid norms: load them into the same network
-        # without, then copy layer by layer.
-        plain = Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios, window_sizes,
-                      patch_size, include_top, weights, input_shape=input_shape,
-                      pooling=pooling, classes=classes, include_preprocessing=include_preprocessing)
-        for layer in plain.layers:
-            if layer.weights:
-                model.get_layer(layer.name).set_weights(layer.get_weights())
-    elif weights is not None:
-        load_weights(model, weights, variant, include_top=include_top, classes=classes)
+    if weights is not None:
+        without_norms = pyramid_norm and not fits_pyramid_norms(weights)
+        channels = stem_channels(weights) or input_shape[-1]
+        if channels != input_shape[-1]:
+            check_stem_channels(channels, input_shape[-1], weights, name)
+        if without_norms or channels != input_shape[-1]:
+            # Weights without pyramid norms, or of RGB images: load them into
+            # the network they fit, then copy layer by layer.
+            source = Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios, window_sizes,
+                           patch_size, include_top, weights,
+                           input_shape=(*input_shape[:2], channels), pooling=pooling,
+                           classes=classes, include_preprocessing=include_preprocessing,
+                           pyramid_norm=pyramid_norm and not without_norms)
+            copy_weights(source, model)
+        else:
+            load_weights(model, weights, variant, include_top=include_top, classes=classes)
     model.pyramid_outputs = pyramid_outputs(model)
     return model
 
@@ -338,7 +352,7 @@ def check_images(model, inputs):
     shape = tuple(getattr(inputs, "shape", (None,)))
     if len(shape) != 4 and shape != (None,):
         # One image without its batch axis: Keras' error printed every pixel.
-        raise ValueError(f"`{model.name}` takes a batch of images, (batch, height, width, 3); "
+        raise ValueError(f"`{model.name}` takes a batch of images, {_batch_shape(model)}; "
                          f"for one image, add the batch axis (image[None]). "
                          f"Received: inputs.shape={shape}")
     channels, expected = shape[-1], model.input_shape[-1]
@@ -364,15 +378,22 @@ def _single_input(model, inputs):
         return inputs[0]
     shapes = {tuple(item.shape) for item in inputs if hasattr(item, "shape")}
     if len(shapes) == 1 and len(next(iter(shapes))) == 3:
-        raise ValueError(f"`{model.name}` takes a batch of images as one array, (batch, "
-                         "height, width, 3); stack them (np.stack(images)). Received: a "
+        raise ValueError(f"`{model.name}` takes a batch of images as one array, "
+                         f"{_batch_shape(model)}; stack them (np.stack(images)). Received: a "
                          f"{type(inputs).__name__} of {len(inputs)} arrays of shape "
                          f"{next(iter(shapes))}")
     return inputs
 
 
+def _batch_shape(model):
+    channels = model.input_shape[-1] if isinstance(model.input_shape, tuple) else None
+    return f"(batch, height, width, {channels or RGB})"
+
+
 def _takes_channels(model, expected):
-    return f"`{model.name}` takes images with {expected} (RGB) channels in the last axis."
+    kind = " (RGB)" if expected == RGB else ""
+    plural = "" if expected == 1 else "s"
+    return f"`{model.name}` takes images with {expected}{kind} channel{plural} in the last axis."
 
 
 def _takes_sides(model, minimum):
@@ -681,17 +702,26 @@ def takes_pixels(model):
 
 
 def normalized(pixels):
-    """RGB pixels in [0, 255], channels last, normalized as timm's models take them."""
-    return keras.ops.add(keras.ops.multiply(pixels, np.asarray(_PIXEL_SCALE, "float32")),
-                         np.asarray(_PIXEL_OFFSET, "float32"))
+    """Pixels in [0, 255], channels last (RGB, or any count as
+    `keras_twins.channels.pixel_statistics` says), normalized as timm's models
+    take them."""
+    scale, offset = _pixel_scale_and_offset(pixels.shape[-1] or RGB)
+    return keras.ops.add(keras.ops.multiply(pixels, np.asarray(scale, "float32")),
+                         np.asarray(offset, "float32"))
 
 
-def image_input_problem(model):
-    """Why `model` does not take one batch of RGB images, `(batch, H, W, 3)`; None if it does."""
+def image_input_problem(model, any_channels=False):
+    """Why `model` does not take one batch of RGB images, `(batch, H, W, 3)`,
+    or with `any_channels` of images of any number of channels; None if it does."""
     shape = model.input_shape
-    if isinstance(shape, tuple) and len(shape) == 4 and shape[-1] == 3:
+    if not (isinstance(shape, tuple) and len(shape) == 4 and shape[-1]):
+        return (f"not an image model (its input has shape {shape}, not (batch, height, width, "
+                "channels))")
+    if shape[-1] == RGB or any_channels:
         return None
-    return f"not an image model (its input has shape {shape}, not (batch, height, width, 3))"
+    return (f"a model of {shape[-1]}-channel images (input shape {shape}), and keras_twins' "
+            "image pipelines read files as RGB, 3 channels: run it on a pipeline of your own "
+            "(model.fit, model.predict)")
 
 
 def classifier_outputs(model):
@@ -844,16 +874,17 @@ def _input_shape(input_shape, input_tensor, include_top, minimum):
             "`input_shape` must hold whole numbers (or None for any size). "
             f"Received: input_shape={input_shape}"
         )
-    if input_shape[-1] != 3:
-        # Channels last whatever keras.config.image_data_format() says: the
-        # export contract, timm's features and every layer here are NHWC.
-        layout = " (channels last, as Twins models take them)" if input_shape[0] == 3 else ""
+    # Channels last whatever keras.config.image_data_format() says: the
+    # export contract, timm's features and every layer here are NHWC.
+    layout = " (channels last, as Twins models take them)" if input_shape[0] in (1, RGB) else ""
+    if input_shape[-1] is None or input_shape[-1] < 1:
         raise ValueError(
-            f"The input must have 3 channels{layout}; Received `input_shape={input_shape}`"
+            f"The input's channels (its last axis) must be a whole number of at least 1"
+            f"{layout}; Received `input_shape={input_shape}`"
         )
     if any(side is not None and side < minimum for side in input_shape[:2]):
         raise ValueError(
-            f"Input size must be at least {minimum}x{minimum}; "
+            f"Input size must be at least {minimum}x{minimum}{layout}; "
             f"Received: input_shape={input_shape}"
         )
     return input_shape
@@ -904,7 +935,9 @@ Args:
     input_tensor: optional Keras tensor to use as the image input.
     input_shape: `(height, width, 3)`; `(224, 224, 3)` by default with the
         head, `(None, None, 3)` without. A static shape gives a graph whose
-        shapes are all static.
+        shapes are all static. Any other number of channels works too: RGB
+        weights are then adapted as timm adapts them for `in_chans`
+        (`keras_twins.channels`).
     pooling: with `include_top=False`: `None` (the normalized final feature
         map, `(batch, H/32, W/32, channels)`), `"avg"` or `"max"`.
     classes: number of classes of the head.

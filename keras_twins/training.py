@@ -320,9 +320,9 @@ def _check_recipe(**settings):
             raise TrainingError(f"{name} must be a number {text}. Received: {name}={value!r}")
 
 
-def load_keras_model(path):
+def load_keras_model(path, any_channels=False):
     """`keras.models.load_model` without compiling; a bad file, or a model that
-    takes no RGB images, is one TrainingError line."""
+    takes no RGB images (with `any_channels`, no images), is one TrainingError line."""
     if os.fspath(path).endswith(".keras") and not zipfile.is_zipfile(path):
         # Keras says "File not found" of a file that is there.
         raise TrainingError(f"{path}: not a loadable Keras model (not a zip archive, as a "
@@ -332,7 +332,7 @@ def load_keras_model(path):
     except Exception as error:  # Keras raises several types for a bad file.
         raise TrainingError(f"{path}: not a loadable Keras model "
                             f"({' '.join(str(error).split())[:200]})") from None
-    if problem := image_input_problem(model):
+    if problem := image_input_problem(model, any_channels):
         raise TrainingError(f"{path}: {problem}")
     return model
 

@@ -10,6 +10,8 @@ import zipfile
 
 import numpy as np
 
+from keras_twins.channels import RGB
+from keras_twins.channels import adapt_stem_kernel
 from weights_convert.mapping import check_finite
 
 # What `weights=` takes, besides "imagenet": Keras' files and PyTorch checkpoints.
@@ -21,7 +23,9 @@ WEIGHTS_SUFFIXES = (".h5", ".keras", ".safetensors", ".pth", ".pt", ".bin")
 # snake-case name of its class), None for no Twins. architecture: as
 # `architecture_in_weights_file`, None where it cannot be told.
 # pyramid_norms: whether the Twins has them (`pyramid_norm=True`).
-_Contents = collections.namedtuple("_Contents", "names where architecture pyramid_norms")
+# stem_channels: the input channels of its first convolution, None where unknown.
+_Contents = collections.namedtuple("_Contents",
+                                   "names where architecture pyramid_norms stem_channels")
 
 
 def load_weights(model, weights, variant, include_top, classes):
@@ -235,6 +239,41 @@ def fits_pyramid_norms(weights):
     return bool(contents and contents.pyramid_norms)
 
 
+def stem_channels(weights):
+    """The image channels that the first convolution of `"imagenet"` or a
+    Keras weights file takes; None for a PyTorch checkpoint (whose stem
+    `weights_convert` adapts as it assigns it) and where it cannot be read."""
+    if weights == "imagenet":
+        return RGB
+    path = os.fspath(weights)
+    if not path.endswith((".h5", ".keras")):
+        return None
+    contents = _weights_file_contents(path)
+    return contents.stem_channels if contents else None
+
+
+def copy_weights(source, target):
+    """Copies each layer of `source` that has weights into `target`'s layer of
+    the same name, adapting the first convolution's RGB kernel to `target`'s
+    channels (`keras_twins.channels.adapt_stem_kernel`)."""
+    for layer in source.layers:
+        if not layer.weights:
+            continue
+        destination = target.get_layer(layer.name)
+        values = [value if value.shape == tuple(variable.shape)
+                  else adapt_stem_kernel(value, variable.shape[2])
+                  for value, variable in zip(layer.get_weights(), destination.weights)]
+        destination.set_weights(values)
+
+
+def _stem_channels_of_layers(layers):
+    try:
+        first = _numbered(layers, "patch_embedding")[0]
+        return int(layers[first]["projection"]["vars"]["0"].shape[2])
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+
+
 def _has_pyramid_norms(model):
     return any(layer.name.startswith("pyramid_norm_") for layer in model._flatten_layers())
 
@@ -247,14 +286,14 @@ def _weights_file_contents(path):
     def twins(names, where, layers):
         # The final norm is one LayerNorm; pyramid norms add one per stage.
         return _Contents(names, where, _architecture_of_layers(layers),
-                         len(_numbered(layers, "layer_norm")) > 1)
+                         len(_numbered(layers, "layer_norm")) > 1, _stem_channels_of_layers(layers))
 
     try:
         with h5py.File(_weights_of_keras_file(path) or path, "r") as f:
             if "layer_names" in f.attrs or "model_weights" in f:
                 return None  # Keras 2's layout, which load_weights matches by layer order
             if not isinstance(f.get("layers"), h5py.Group):  # another library's file
-                return _Contents([], None, None, False)
+                return _Contents([], None, None, False, None)
             layers = f["layers"]
             names = list(layers)
             if _is_twins(layers):
@@ -263,7 +302,7 @@ def _weights_file_contents(path):
                 inner = layers[name].get("layers") if isinstance(layers[name], h5py.Group) else None
                 if isinstance(inner, h5py.Group) and _is_twins(inner):
                     return twins(names, name, inner)
-            return _Contents(names, None, None, False)
+            return _Contents(names, None, None, False, None)
     except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile):
         return None
 

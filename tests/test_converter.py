@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
+from PIL import Image
 
 import keras
 import keras_twins
 from conftest import TINY
 from conftest import max_error_within_tolerance
+from conftest import run_cli as run_keras_twins
 from weights_convert import ConversionError
 from weights_convert import read_checkpoint
 
@@ -208,6 +210,40 @@ def test_wrapped_checkpoint_with_fine_tuned_head_converts_and_detects_variant(
         keras_twins.TwinsSVTSmall(weights=str(path), classes=1000)
     features = keras_twins.TwinsSVTSmall(weights=str(path), include_top=False)
     assert features.output.shape[-1] == 512
+
+
+def test_a_checkpoint_of_one_channel_images_converts_and_loads_where_it_fits(
+        state_dict, tmp_path, capfd):
+    """A model trained on grayscale images (timm's `in_chans=1`) keeps its
+    channel: it was refused as a shape mismatch of its first convolution."""
+    gray = dict(state_dict)
+    gray["patch_embeds.0.proj.weight"] = state_dict["patch_embeds.0.proj.weight"].sum(
+        axis=1, keepdims=True)
+    path = tmp_path / "gray.safetensors"
+    safetensors.numpy.save_file(gray, str(path))
+    output = tmp_path / "gray.weights.h5"
+    result = run_cli(path, "--output", output)
+    assert result.returncode == 0, result.stderr
+    assert "1-channel images (load with input_shape=(H, W, 1))" in result.stdout
+    expected = gray["patch_embeds.0.proj.weight"].transpose(2, 3, 1, 0)
+    for weights in (output, path):
+        model = keras_twins.TwinsSVTSmall(weights=str(weights), input_shape=(None, None, 1))
+        np.testing.assert_array_equal(model.get_layer("patch_embed_0").weights[0], expected)
+    with pytest.raises(ValueError) as error:
+        keras_twins.TwinsSVTSmall(weights=str(path))
+    assert str(error.value) == (
+        f"{path}: its first convolution takes 1-channel images and {VARIANT} takes 3; only "
+        "RGB (3-channel) weights are adapted to another count: build the model with "
+        "input_shape=(H, W, 1)")
+    # The command reads image files as RGB: it says so rather than failing on the batch.
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(image)
+    code, _, err = run_keras_twins(capfd, "predict", "--model", VARIANT, "--weights", path, image)
+    # (TensorFlow's C++ log may come first, from its first op in this process.)
+    assert code == 1 and err.strip().splitlines()[-1] == (
+        f"error: {VARIANT}: a model of 1-channel images (input shape (None, None, None, 1)), "
+        "and keras_twins' image pipelines read files as RGB, 3 channels: run it on a pipeline "
+        "of your own (model.fit, model.predict)"), err
 
 
 class _NotPlainData:

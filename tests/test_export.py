@@ -325,6 +325,50 @@ def test_int8_mixed_and_dynamic_files_run_and_shrink(calibration_images, tmp_pat
     assert run_tflite(dynamic, images)[0].shape == (1, 10)
 
 
+def test_models_of_other_channel_counts_export(calibration_images, tmp_path, capfd):
+    """A grayscale model (`input_shape=(H, W, 1)`) exports to float32 and
+    full-integer TFLite, calibrated on the folder's images made gray, and to
+    ONNX, from Python and the command; its input contract says so. A model of
+    4 channels exports in float, and int8, whose calibration reads image
+    files, is refused in one line."""
+    import onnxruntime
+
+    rng = np.random.default_rng(4)
+    gray = keras_twins.Twins(**TINY, input_shape=(None, None, 1), classes=10)
+    images = rng.uniform(0, 255, (1, 64, 64, 1)).astype(np.float32)
+    expected = gray.predict(images, verbose=0)
+    float32 = export(gray, tmp_path / "gray.tflite", image_size=64)
+    assert np.abs(run_tflite(float32, images)[0] - expected).max() <= 1e-5
+    contract = json.loads(read_tflite_metadata(str(float32))["input_contract.json"])
+    assert contract["shape"] == [1, 64, 64, 1] and contract["color"] == "grayscale"
+    int8 = export(gray, tmp_path / "gray_int8.tflite", image_size=64, quantize="int8",
+                  representative_data=calibration_images)
+    output, _ = run_tflite(int8, images)
+    assert output.shape == (1, 10) and np.isfinite(output).all()
+    assert tflite_report(str(int8))["float_ops"] == ["DEQUANTIZE"]
+    onnx = export(gray, tmp_path / "gray.onnx", format="onnx", image_size=64)
+    session = onnxruntime.InferenceSession(str(onnx))
+    output = session.run(None, {session.get_inputs()[0].name: images})[0]
+    assert np.abs(output - expected).max() <= 1e-5
+    gray.save(tmp_path / "gray.keras")
+    code, out, err = run_cli(capfd, "export", "--model", tmp_path / "gray.keras", "--format",
+                             "tflite", "--output", tmp_path / "cli.tflite", "--image-size", "64")
+    assert code == 0, err
+    assert "input 1x64x64x1 float32 grayscale in [0, 255]" in out
+
+    four = keras_twins.Twins(**TINY, input_shape=(None, None, 4), classes=10)
+    images = rng.uniform(0, 255, (1, 32, 48, 4)).astype(np.float32)
+    path = export(four, tmp_path / "four.tflite", image_size=(32, 48))
+    assert np.abs(run_tflite(path, images)[0] - four.predict(images, verbose=0)).max() <= 1e-5
+    with pytest.raises(ExportError) as error:
+        export(four, tmp_path / "four_int8.tflite", quantize="int8",
+               representative_data=calibration_images)
+    assert str(error.value) == (
+        "int8 calibration reads image files as RGB or grayscale, and the model takes "
+        "4-channel images: export it in float32, float16 or with quantize='dynamic'")
+    assert not (tmp_path / "four_int8.tflite").exists()
+
+
 def test_int8_with_a_fixed_batch_of_three(calibration_images, tmp_path):
     """Calibration feeds whole batches: the fixed-shape graph takes no other size.
 

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 import keras
 import keras_twins
+from keras_twins import variants
 from keras_twins.model import _first_outside
 from conftest import TINY
 from conftest import TINY_PCPVT
@@ -121,8 +122,8 @@ def test_models_stay_channels_last_when_keras_defaults_to_channels_first(
         keras_twins.Twins(**TINY, include_top=False, input_shape=(None, None, 3)),
         num_classes=3, fpn_channels=8, head_channels=8)
     assert segmentation(images).shape == (2, 64, 48, 3)
-    with pytest.raises(ValueError, match=r"3 channels \(channels last, as Twins models "
-                                         r"take them\); Received `input_shape=\(3, 64, 64\)`"):
+    with pytest.raises(ValueError, match=r"at least 32x32 \(channels last, as Twins models "
+                                         r"take them\); Received: input_shape=\(3, 64, 64\)"):
         keras_twins.Twins(**TINY, input_shape=(3, 64, 64))
 
 
@@ -287,7 +288,10 @@ def test_input_tensor_is_used():
     (dict(weights=os.curdir), "`weights` names a folder"),
     (dict(weights=3), "Received: weights=3"),
     (dict(weights="imagenet", classes=10), "`classes` should be 1000. Received classes=10"),
-    (dict(input_shape=(224, 224, 1)), "3 channels; Received `input_shape=(224, 224, 1)`"),
+    (dict(input_shape=(224, 224, None)),
+     "channels (its last axis) must be a whole number of at least 1; Received `input_shape="
+     "(224, 224, None)`"),
+    (dict(input_shape=(224, 224, 0)), "Received `input_shape=(224, 224, 0)`"),
     (dict(input_shape=(31, 224, 3)), "at least 32x32; Received: input_shape=(31, 224, 3)"),
     (dict(input_shape=(224, 3)), "Received: input_shape=(224, 3)"),
     # A TypeError from tuple(), and ('2', '2', '4').
@@ -311,6 +315,67 @@ def test_argument_errors_name_the_argument_and_value(kwargs, message):
 def test_imagenet_weights_only_for_the_six_variants():
     with pytest.raises(ValueError, match="Received: weights='imagenet'"):
         keras_twins.Twins(**TINY, weights="imagenet")
+
+
+def test_a_model_of_other_channel_counts_normalizes_trains_and_saves(tmp_path):
+    """`input_shape=(H, W, C)` for any C, as keras.applications takes it without
+    ImageNet weights: one gray channel normalized by the averages of
+    ImageNet's means and stds, more channels by R, G, B, R, ..., so that
+    RGB weights (adapted as timm adapts them) see the same features."""
+    mean, std = variants.IMAGENET_MEAN, variants.IMAGENET_STD
+    rng = np.random.default_rng(0)
+    for channels, (means, stds) in {1: ([sum(mean) / 3], [sum(std) / 3]),
+                                    4: ([*mean, mean[0]], [*std, std[0]])}.items():
+        model = keras_twins.Twins(**TINY, classes=3, input_shape=(None, None, channels))
+        pixels = rng.uniform(0, 255, (2, 40, 48, channels)).astype(np.float32)
+        inside = keras.Model(model.input, model.get_layer("preprocessing").output)
+        np.testing.assert_allclose(inside(pixels), (pixels / 255 - means) / stds,
+                                   rtol=1e-5, atol=1e-5)
+        labels = np.array([0, 2])
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+        loss = model.train_on_batch(pixels, labels)
+        assert np.isfinite(loss)
+        model.save(tmp_path / f"{channels}.keras")
+        restored = keras.models.load_model(tmp_path / f"{channels}.keras")
+        np.testing.assert_allclose(restored.predict(pixels, verbose=0),
+                                   model.predict(pixels, verbose=0), atol=1e-6)
+        with pytest.raises(ValueError, match=re.escape(
+                f"takes images with {channels} channel{'s' * (channels > 1)} in the last axis. "
+                "Received: "
+                "inputs.shape=(2, 40, 48, 3)")):
+            model.predict(pixels[..., :1].repeat(3, -1), verbose=0)
+
+    # RGB weights for six channels that repeat the RGB image: the RGB model's
+    # features (with pyramid norms, which the file lacks, as both load it).
+    keras_twins.Twins(**TINY, classes=3).save_weights(tmp_path / "rgb.weights.h5")
+    features = {}
+    for channels in (3, 6):
+        model = keras_twins.Twins(**TINY, classes=3, input_shape=(None, None, channels),
+                                  weights=str(tmp_path / "rgb.weights.h5"), pyramid_norm=True)
+        features[channels] = keras.Model(model.input, model.get_layer("norm").output)
+    six = model
+    pixels = rng.uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
+    np.testing.assert_allclose(features[6](np.concatenate([pixels, pixels], -1)),
+                               features[3](pixels), rtol=1e-4, atol=1e-4)
+
+    # Weights of a 1-channel model load into one, and into no other.
+    six.save_weights(tmp_path / "six.weights.h5")
+    gray = keras_twins.Twins(**TINY, classes=3, input_shape=(None, None, 1),
+                             weights=str(tmp_path / "rgb.weights.h5"))
+    gray.save_weights(tmp_path / "gray.weights.h5")
+    again = keras_twins.Twins(**TINY, classes=3, input_shape=(None, None, 1),
+                              weights=str(tmp_path / "gray.weights.h5"))
+    for a, b in zip(gray.get_weights(), again.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for weights, channels in (("gray", 3), ("six", 1)):
+        with pytest.raises(ValueError) as error:
+            keras_twins.Twins(**TINY, classes=3, input_shape=(None, None, channels),
+                              weights=str(tmp_path / f"{weights}.weights.h5"))
+        found = {"gray": 1, "six": 6}[weights]
+        assert str(error.value) == (
+            f"{tmp_path / weights}.weights.h5: its first convolution takes {found}-channel "
+            f"images and twins takes {channels}; only RGB (3-channel) weights are adapted to "
+            f"another count: build the model with input_shape=(H, W, {found})")
 
 
 def test_a_grayscale_batch_is_refused_not_broadcast():

@@ -140,6 +140,40 @@ def test_preprocessing_inside_the_model_matches_timm_normalization(random_refere
     assert ok, f"max|diff| {error:.3g} > {bound:.3g}"
 
 
+@pytest.mark.parametrize("channels", [1, 4])
+def test_rgb_weights_for_other_channel_counts_give_timms_in_chans_logits(
+        channels, random_reference, tmp_path):
+    """`input_shape=(H, W, C)` with RGB weights adapts the first convolution
+    as timm adapts pretrained weights for `in_chans` (`adapt_input_conv`):
+    from a checkpoint (the converter's assignment) and from a Keras file (a
+    copy from an RGB model), with the other weights as they are."""
+    import timm
+    import torch
+    from timm.models import adapt_input_conv
+
+    from weights_convert.convert import convert
+
+    reference, directory = random_reference("twins_pcpvt_small")
+    state_dict = reference.state_dict()
+    stem = "patch_embeds.0.proj.weight"
+    state_dict[stem] = adapt_input_conv(channels, state_dict[stem])
+    adapted = timm.create_model("twins_pcpvt_small", pretrained=False, in_chans=channels)
+    adapted.load_state_dict(state_dict)
+    adapted.eval()
+    images = np.random.default_rng(2).standard_normal((2, channels, 64, 96)).astype(np.float32)
+    with torch.no_grad():
+        expected = adapted(torch.from_numpy(images)).numpy()
+    keras_file = tmp_path / "rgb.weights.h5"
+    convert(directory / "model.safetensors", keras_file)
+    for weights in (directory / "model.safetensors", keras_file):
+        model = keras_twins.TwinsPCPVTSmall(weights=str(weights), classifier_activation=None,
+                                            input_shape=(None, None, channels),
+                                            include_preprocessing=False)
+        logits = np.asarray(model(images.transpose(0, 2, 3, 1), training=False))
+        ok, error, bound = max_error_within_tolerance(logits, expected)
+        assert ok, f"{weights.name}, {channels} channels: max|diff| {error:.3g} > {bound:.3g}"
+
+
 @pytest.mark.parametrize("variant", ["twins_svt_small", "twins_pcpvt_small"])
 def test_a_model_without_weights_starts_as_timms_does(variant):
     """Built without weights, each variable draws from the distribution that

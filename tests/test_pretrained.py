@@ -115,6 +115,14 @@ def test_imagenet_weights_match_timm_and_are_cached(hub):
     assert features.output.shape == (None, None, None, 512)
     np.testing.assert_array_equal(features.get_layer("norm").gamma.numpy(),
                                   model.get_layer("norm").gamma.numpy())
+    # For grayscale images, the first convolution's RGB kernels summed, as
+    # timm's `in_chans=1` (the parity tests compare the logits).
+    gray = keras_twins.TwinsSVTSmall(weights="imagenet", input_shape=(None, None, 1))
+    rgb_stem = model.get_layer("patch_embed_0").weights[0].numpy()
+    np.testing.assert_allclose(gray.get_layer("patch_embed_0").weights[0].numpy(),
+                               rgb_stem.sum(axis=2, keepdims=True), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(gray.get_layer("head").kernel.numpy(),
+                                  model.get_layer("head").kernel.numpy())
 
 
 def test_a_damaged_cache_entry_is_fetched_again(hub):

@@ -37,6 +37,9 @@ def main(argv=None, prog="python -m weights_convert"):
         + (f"{head} classes" if head else "no head")
         # the per-stage norms of a detection or segmentation backbone
         + (", pyramid norms (load with pyramid_norm=True)" if "pyramid_norm_0" in names else "")
+        # a model trained on other than RGB images (timm's in_chans)
+        + (f", {channels}-channel images (load with input_shape=(H, W, {channels}))"
+           if (channels := model.input_shape[-1]) != 3 else "")
     )
     return 0
 

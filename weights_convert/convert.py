@@ -6,6 +6,7 @@ from weights_convert.checkpoint import read_checkpoint
 from weights_convert.errors import ConversionError
 from weights_convert.mapping import HEAD_KEYS
 from weights_convert.mapping import PYRAMID_NORM_KEYS
+from weights_convert.mapping import STEM_KEY
 from weights_convert.mapping import assign_state_dict
 
 KERAS_WEIGHTS_SUFFIX = ".weights.h5"
@@ -81,8 +82,11 @@ def build_model_for(state_dict, variant=None, source="checkpoint"):
     include_top = bool(head)
     classes = head[0].shape[0] if include_top else 1000
     pyramid_norm = any(key.startswith(PYRAMID_NORM_KEYS) for key in state_dict)
+    # A model trained on other than RGB images (timm's in_chans) keeps its channels.
+    stem = state_dict.get(STEM_KEY)
+    channels = int(stem.shape[1]) if stem is not None and len(stem.shape) == 4 else 3
     model = Twins(**config, include_top=include_top, classes=classes,
-                  input_shape=(None, None, 3), pyramid_norm=pyramid_norm, name=variant)
+                  input_shape=(None, None, channels), pyramid_norm=pyramid_norm, name=variant)
     assign_state_dict(model, state_dict, source, include_top=include_top)
     return model
 

@@ -12,6 +12,8 @@ import numpy as np
 from weights_convert.errors import ConversionError
 
 HEAD_KEYS = ("head.weight", "head.bias")
+# The first convolution, (out, in channels, kh, kw).
+STEM_KEY = "patch_embeds.0.proj.weight"
 
 _INDEXED_SEGMENTS = (
     (re.compile(r"^patch_embed_(\d+)$"), r"patch_embeds.\1"),
@@ -113,6 +115,14 @@ def assign_state_dict(model, state_dict, source, include_top=True):
         tensor = state_dict[key]
         permutation = _permutation(variable.path, len(variable.shape))
         expected_shape = [variable.shape[i] for i in np.argsort(permutation)]
+        if key == STEM_KEY and _differs_in_channels(tensor.shape, expected_shape):
+            check_stem_channels(tensor.shape[1], expected_shape[1], source, model.name)
+            check_finite(tensor, source, key)
+            from keras_twins.channels import adapt_stem_kernel  # keras_twins imports this module
+
+            kernel = adapt_stem_kernel(np.transpose(tensor, permutation), expected_shape[1])
+            arrays.append((variable, kernel))
+            continue
         if list(tensor.shape) != expected_shape:
             raise ConversionError(
                 f"{source}: shape mismatch for {key!r}: checkpoint has "
@@ -122,3 +132,22 @@ def assign_state_dict(model, state_dict, source, include_top=True):
         arrays.append((variable, np.transpose(tensor, permutation)))
     for variable, array in arrays:
         variable.assign(array)
+
+
+def _differs_in_channels(shape, expected_shape):
+    """Whether a convolution's (out, in, kh, kw) `shape` differs from the
+    expected one in its input channels alone."""
+    shape, expected_shape = list(shape), list(expected_shape)
+    return (len(shape) == len(expected_shape) == 4 and shape[1] != expected_shape[1]
+            and shape[:1] + shape[2:] == expected_shape[:1] + expected_shape[2:])
+
+
+def check_stem_channels(found, channels, source, model_name):
+    """Refuses weights whose first convolution takes `found` channels for a
+    model of `channels`, unless they are RGB's, which are adapted
+    (`keras_twins.channels.adapt_stem_kernel`)."""
+    if found != 3:
+        raise ConversionError(
+            f"{source}: its first convolution takes {found}-channel images and {model_name} "
+            f"takes {channels}; only RGB (3-channel) weights are adapted to another count: "
+            f"build the model with input_shape=(H, W, {found})")
