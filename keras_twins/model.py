@@ -26,9 +26,8 @@ from keras_twins.layers import PositionalEncodingGenerator
 from keras_twins.layers import TransformerBlock
 from keras_twins.layers.layer_norm import onednn_inference_kernels
 from keras_twins.weights import copy_weights
-from keras_twins.weights import fits_pyramid_norms
 from keras_twins.weights import load_weights
-from keras_twins.weights import stem_channels
+from keras_twins.weights import loading_layout
 from weights_convert.mapping import check_stem_channels
 
 
@@ -148,8 +147,9 @@ def Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios,
             inputs = inputs[0]
     model = TwinsModel(inputs, x, name=name)
     if weights is not None:
-        without_norms = pyramid_norm and not fits_pyramid_norms(weights)
-        channels = stem_channels(weights) or input_shape[-1]
+        has_norms, channels = loading_layout(weights)
+        without_norms = pyramid_norm and not has_norms
+        channels = channels or input_shape[-1]
         if channels != input_shape[-1]:
             check_stem_channels(channels, input_shape[-1], weights, name)
         if without_norms or channels != input_shape[-1]:

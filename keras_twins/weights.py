@@ -224,32 +224,29 @@ def architecture_in_weights_file(path):
     return contents.architecture if contents and contents.where == "" else None
 
 
-def fits_pyramid_norms(weights):
-    """Whether `weights` load straight into a model built with
-    `pyramid_norm=True`: a Keras file of such a model, or a PyTorch checkpoint
-    (a detection or segmentation backbone's holds the norms, and in another's
-    they are left at their identity start). ImageNet weights and other Keras
-    files load into the model without them."""
+def loading_layout(weights):
+    """`(pyramid_norms, stem_channels)` of `weights`, before loading them.
+
+    pyramid_norms: whether they load straight into a model built with
+    `pyramid_norm=True`: a Keras file of such a model, or a PyTorch
+    checkpoint (a detection or segmentation backbone's holds the norms, and
+    in another's they are left at their identity start). ImageNet weights
+    and other Keras files load into the model without them.
+
+    stem_channels: the image channels that the first convolution of
+    `"imagenet"` or a Keras file takes; None for a PyTorch checkpoint (whose
+    stem `weights_convert` adapts as it assigns it) and where it cannot be
+    read.
+    """
     if weights == "imagenet":
-        return False
+        return False, RGB
     path = os.fspath(weights)
     if not path.endswith((".h5", ".keras")):
-        return True
+        return True, None
     contents = _weights_file_contents(path)
-    return bool(contents and contents.pyramid_norms)
-
-
-def stem_channels(weights):
-    """The image channels that the first convolution of `"imagenet"` or a
-    Keras weights file takes; None for a PyTorch checkpoint (whose stem
-    `weights_convert` adapts as it assigns it) and where it cannot be read."""
-    if weights == "imagenet":
-        return RGB
-    path = os.fspath(weights)
-    if not path.endswith((".h5", ".keras")):
-        return None
-    contents = _weights_file_contents(path)
-    return contents.stem_channels if contents else None
+    if contents is None:
+        return False, None
+    return contents.pyramid_norms, contents.stem_channels
 
 
 def copy_weights(source, target):
