@@ -159,7 +159,8 @@ def Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios,
                            patch_size, include_top, weights,
                            input_shape=(*input_shape[:2], channels), pooling=pooling,
                            classes=classes, include_preprocessing=include_preprocessing,
-                           pyramid_norm=pyramid_norm and not without_norms)
+                           pyramid_norm=pyramid_norm and not without_norms,
+                           name=name)  # which the errors of weights that do not fit name
             copy_weights(source, model)
         else:
             load_weights(model, weights, variant, include_top=include_top, classes=classes)
