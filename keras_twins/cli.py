@@ -9,7 +9,8 @@
                        [--representative-data DIR] [--image-size H [W]]
                        [--batch-size 1|any] [--logits]
     keras-twins train --data tfds:NAME|DIR --output DIR [--model NAME|CONFIG.json]
-                      [--weights imagenet|PATH] [--image-size H [W]] [--epochs N]
+                      [--weights imagenet|PATH] [--image-size H [W]] [--channels 3|1]
+                      [--epochs N]
                       [--batch-size B] [--augment imagenet|light|none] [--strategy ...]
                       [--backup-dir DIR] [--resume] ...  (--help lists them all)
     keras-twins evaluate --data tfds:NAME|DIR --model-file DIR/model.keras [--split NAME]
@@ -97,6 +98,8 @@ def main(argv=None):
                        help="'none' (default), 'imagenet' or a checkpoint path")
     train.add_argument("--image-size", type=int, nargs="+", default=[224], metavar="SIDE",
                        help="H, or H W (default: 224)")
+    train.add_argument("--channels", type=int, choices=(3, 1), default=3,
+                       help="3: RGB (default); 1: grayscale, RGB weights adapted")
     train.add_argument("--epochs", type=int, default=300)
     train.add_argument("--batch-size", type=int, default=128, help="per replica")
     train.add_argument("--augment", default="imagenet", help="imagenet, light or none")
@@ -254,10 +257,12 @@ def _predicted(model, paths, size, load_image, unreadable, chunk=32):
     """
     import keras
 
+    from keras_twins.images import grayscale
     from keras_twins.model import normalized
     from keras_twins.model import takes_pixels
 
     normalize = not takes_pixels(model)  # a Twins model built with include_preprocessing=False
+    gray = model.input_shape[-1] == 1
     for start in range(0, len(paths), chunk):
         images, read = [], []
         for path in paths[start:start + chunk]:
@@ -271,6 +276,8 @@ def _predicted(model, paths, size, load_image, unreadable, chunk=32):
         if not images:
             continue
         images = np.stack(images)
+        if gray:
+            images = grayscale(images)
         if normalize:
             images = keras.ops.convert_to_numpy(normalized(images))
         yield from zip(read, model.predict(images, batch_size=chunk, verbose=0))
@@ -460,7 +467,7 @@ def _train(args):
                 cache=args.cache, deterministic=args.deterministic,
                 validation_split=None if args.validation_split == "none"
                 else args.validation_split,
-                data_dir=args.data_dir, manual_dir=args.manual_dir)
+                data_dir=args.data_dir, manual_dir=args.manual_dir, channels=args.channels)
     except (ValueError, WeightsDownloadError) as error:  # TrainingError, DataError
         raise CommandError(_one_line(error)) from None
     history = result.history

@@ -25,6 +25,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_twins import cpu_streams, variants
+from keras_twins.images import FILE_CHANNELS
+from keras_twins.images import LUMA
 
 TFDS_PREFIX = "tfds:"
 # TIFF has no TensorFlow decoder; those files are read with Pillow.
@@ -337,7 +339,7 @@ class Augmentation:
 
 
 def training_pipeline(split, image_size, global_batch_size, augment="imagenet",
-                      seed=0, cache=False, deterministic=False):
+                      seed=0, cache=False, deterministic=False, channels=3):
     """Shuffled, augmented batches of `(float32 images in [0, 255], one-hot labels)`.
 
     Args:
@@ -351,7 +353,9 @@ def training_pipeline(split, image_size, global_batch_size, augment="imagenet",
         cache: keep the decoded images in memory after the first epoch.
         deterministic: the same order and augmentation on every run with
             the same seed (slower: no parallel reordering).
+        channels: 3 for RGB, 1 for grayscale (the augmented RGB image's gray).
     """
+    check_channels(channels)
     height, width = image_size
     num_classes = len(split.class_names)
     policy = augment if isinstance(augment, Augmentation) else Augmentation.named(augment)
@@ -394,14 +398,16 @@ def training_pipeline(split, image_size, global_batch_size, augment="imagenet",
     ).batch(global_batch_size, drop_remainder=True)
     if policy is not None and (policy.mixup_alpha or policy.cutmix_alpha):
         dataset = dataset.map(_mixer(policy, seed), num_parallel_calls=tf.data.AUTOTUNE)
-    dataset = dataset.map(lambda images, labels: (
-        tf.ensure_shape(images, [global_batch_size, height, width, 3]), labels))
+    dataset = dataset.map(lambda images, labels: (tf.ensure_shape(
+        _with_channels(images, channels), [global_batch_size, height, width, channels]), labels))
     return _finish(dataset, deterministic)
 
 
 def evaluation_pipeline(split, image_size, global_batch_size, cache=False,
-                        drop_remainder=False):
-    """Batches of the evaluation transform: shorter side to size / 0.9, center crop."""
+                        drop_remainder=False, channels=3):
+    """Batches of the evaluation transform: shorter side to size / 0.9, center
+    crop; RGB, or its gray for `channels=1`."""
+    check_channels(channels)
     num_classes = len(split.class_names)
     dataset = split.dataset.map(
         lambda image, label: (center_crop(image, image_size),
@@ -411,7 +417,24 @@ def evaluation_pipeline(split, image_size, global_batch_size, cache=False,
     if cache:
         dataset = dataset.cache()
     dataset = dataset.batch(global_batch_size, drop_remainder=drop_remainder)
+    if channels != 3:
+        dataset = dataset.map(lambda images, labels: (_with_channels(images, channels), labels))
     return _finish(dataset, deterministic=True)
+
+
+def check_channels(channels):
+    """Refuses a channel count that image files are not read as."""
+    if isinstance(channels, bool) or channels not in FILE_CHANNELS:
+        raise DataError("image files are read as RGB or grayscale: `channels` must be 3 or 1. "
+                        f"Received: channels={channels!r}")
+
+
+def _with_channels(images, channels):
+    """A batch of RGB images `(..., 3)` as they are, or as their gray `(..., 1)`
+    for `channels=1` (`keras_twins.images.grayscale`'s weights)."""
+    if channels == 3:
+        return images
+    return tf.tensordot(images, tf.constant(LUMA, images.dtype), axes=1)[..., None]
 
 
 def _finish(dataset, deterministic):

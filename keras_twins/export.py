@@ -20,6 +20,7 @@ from keras_twins.checks import is_whole
 from keras_twins.data import IMAGE_SUFFIXES
 from keras_twins.files import replacing
 from keras_twins.files import write_text
+from keras_twins.images import FILE_CHANNELS
 from keras_twins.layers.attention import products_as_fully_connected
 from keras_twins.model import classifier_outputs
 from keras_twins.model import image_input_problem
@@ -44,10 +45,6 @@ INPUT_CONTRACT = {
     "layout": "NHWC", "dtype": "float32", "color": "RGB", "range": [0, 255],
     "normalization": "inside the model (ImageNet mean/std)",
 }
-
-
-# What int8 calibration reads image files as: grayscale or RGB.
-CALIBRATION_CHANNELS = (1, 3)
 
 
 def input_color(channels):
@@ -130,7 +127,7 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
         raise ExportError(f"quantization is for TFLite only. Received: format={format!r}, "
                           f"quantize={quantize!r}")
     if quantize.startswith("int8"):
-        if channels not in CALIBRATION_CHANNELS:
+        if channels not in FILE_CHANNELS:
             raise ExportError(f"int8 calibration reads image files as RGB or grayscale, and the "
                               f"model takes {channels}-channel images: export it in float32, "
                               "float16 or with quantize='dynamic'")

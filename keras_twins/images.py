@@ -97,10 +97,12 @@ def _crop_size(image_size):
     return size
 
 
+# What image files are read as: RGB, or its gray (`grayscale`) for a model of one channel.
+FILE_CHANNELS = (1, 3)
 # ITU-R BT.601 luma, as Pillow's convert("L") and tf.image.rgb_to_grayscale weigh R, G and B.
-_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+LUMA = (0.299, 0.587, 0.114)
 
 
 def grayscale(images):
     """RGB pixels `(..., 3)` as one gray channel, `(..., 1)`, in the same range."""
-    return np.asarray(images, np.float32) @ _LUMA[:, None]
+    return np.asarray(images, np.float32) @ np.array(LUMA, np.float32)[:, None]

@@ -19,6 +19,7 @@ from keras_twins import variants
 from keras_twins.channels import RGB
 from keras_twins.channels import pixel_statistics
 from keras_twins.checks import is_whole
+from keras_twins.images import FILE_CHANNELS
 from keras_twins.layers import initializers
 from keras_twins.layers import LayerNorm
 from keras_twins.layers import PatchEmbedding
@@ -712,17 +713,18 @@ def normalized(pixels):
 
 
 def image_input_problem(model, any_channels=False):
-    """Why `model` does not take one batch of RGB images, `(batch, H, W, 3)`,
-    or with `any_channels` of images of any number of channels; None if it does."""
+    """Why `model` does not take one batch of images that keras_twins reads
+    from files, `(batch, H, W, 3 or 1)`, or with `any_channels` of images of
+    any number of channels; None if it does."""
     shape = model.input_shape
     if not (isinstance(shape, tuple) and len(shape) == 4 and shape[-1]):
         return (f"not an image model (its input has shape {shape}, not (batch, height, width, "
                 "channels))")
-    if shape[-1] == RGB or any_channels:
+    if shape[-1] in FILE_CHANNELS or any_channels:
         return None
     return (f"a model of {shape[-1]}-channel images (input shape {shape}), and keras_twins' "
-            "image pipelines read files as RGB, 3 channels: run it on a pipeline of your own "
-            "(model.fit, model.predict)")
+            "image pipelines read files as RGB or grayscale (3 or 1 channels): run it on a "
+            "pipeline of your own (model.fit, model.predict)")
 
 
 def classifier_outputs(model):

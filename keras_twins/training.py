@@ -46,6 +46,7 @@ from keras_twins.model import no_weight_decay_variables
 from keras_twins.model import normalized
 from keras_twins.model import takes_pixels
 from keras_twins.weights import WEIGHTS_SUFFIXES
+from keras_twins.weights import transferable
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 MIXED_PRECISION = {None: None, "none": None, "float16": "mixed_float16",
@@ -55,7 +56,9 @@ CUSTOM_DROP_PATH_RATE = 0.1
 # Settings that change what a run computes; the same values resume a run.
 _RUN_KEYS = ("data", "model", "weights", "image_size", "epochs", "batch_size", "augment",
              "learning_rate", "weight_decay", "warmup_epochs", "drop_path_rate",
-             "label_smoothing", "seed", "mixed_precision")
+             "label_smoothing", "seed", "mixed_precision", "channels")
+# What a run.json written before a setting existed trained with.
+_RUN_DEFAULTS = {"channels": 3}
 
 
 class TrainingError(ValueError):
@@ -221,11 +224,12 @@ def default_drop_path_rate(model):
     return CUSTOM_DROP_PATH_RATE
 
 
-def build_model(model, classes, image_size, weights=None, drop_path_rate=0.0):
+def build_model(model, classes, image_size, weights=None, drop_path_rate=0.0, channels=3):
     """A classifier of `classes` at `image_size` from a variant name or a config dict.
 
     Weights whose head has another size (ImageNet's 1000 classes for
-    fine-tuning) bring everything but the head.
+    fine-tuning) bring everything but the head; RGB weights for a model of
+    one channel (`channels=1`) are adapted (`keras_twins.channels`).
     """
     import keras_twins
 
@@ -238,8 +242,8 @@ def build_model(model, classes, image_size, weights=None, drop_path_rate=0.0):
 
     def build(**kwargs):
         try:
-            return constructor(input_shape=(*image_size, 3), drop_path_rate=drop_path_rate,
-                               **kwargs)
+            return constructor(input_shape=(*image_size, channels),
+                               drop_path_rate=drop_path_rate, **kwargs)
         except TypeError as error:
             raise TrainingError(f"not a usable model configuration: {error}") from None
 
@@ -248,6 +252,11 @@ def build_model(model, classes, image_size, weights=None, drop_path_rate=0.0):
     weights = weights if weights == "imagenet" else os.fspath(weights)
     if weights.endswith(".keras"):
         source = load_keras_model(weights)
+        found = source.input_shape[-1]
+        if found not in (channels, 3):  # RGB's first convolution is adapted
+            raise TrainingError(f"{weights}: a model of {found}-channel images, and only RGB "
+                                f"ones are adapted to {channels} channels; train with "
+                                f"channels={found}")
     else:
         try:
             return build(classes=classes, weights=weights)  # the same head size
@@ -349,8 +358,8 @@ def _transfer_weights(source, target, name):
         match = layers.get(layer.name)
         if match is None or not layer.weights:
             continue
-        values = match.get_weights()
-        if [v.shape for v in values] == [tuple(w.shape) for w in layer.weights]:
+        values = transferable(match, layer)  # an RGB model's, adapted for grayscale
+        if values is not None:
             layer.set_weights(values)
             copied += 1
     if not copied:
@@ -470,7 +479,7 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
           clipnorm=5.0, strategy="auto", tpu=None, jit_compile="auto", mixed_precision=None,
           backup_dir=None, backup_freq="epoch", resume=False, seed=0, cache=False,
           deterministic=False, validation_split="auto", data_dir=None, manual_dir=None,
-          verbose="auto", callbacks=()):
+          verbose="auto", callbacks=(), channels=3):
     """Trains a Twins classifier with `model.fit` and writes a run folder.
 
     Args:
@@ -514,6 +523,8 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
         data_dir, manual_dir: tensorflow-datasets' folders.
         verbose: `fit`'s progress display.
         callbacks: more Keras callbacks.
+        channels: 3 to train on RGB images, 1 on their gray; RGB weights
+            are adapted to one channel (`keras_twins.channels`).
 
     Returns:
         A `TrainingResult`.
@@ -548,6 +559,7 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
         raise TrainingError("mixed_precision must be None, 'float16' or 'bfloat16'. "
                             f"Received: mixed_precision={mixed_precision!r}")
     data_lib.Augmentation.named(augment)  # checks the name
+    data_lib.check_channels(channels)
     if isinstance(strategy, str):
         strategy = make_strategy(strategy, tpu)
     chief = _is_chief(strategy)
@@ -564,7 +576,7 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
                     augment=augment, learning_rate=learning_rate, weight_decay=weight_decay,
                     warmup_epochs=warmup_epochs, drop_path_rate=drop_path_rate,
                     label_smoothing=label_smoothing, seed=seed,
-                    mixed_precision=mixed_precision)
+                    mixed_precision=mixed_precision, channels=channels)
     train_split = data_lib.load_split(data, "train", data_dir, manual_dir)
     data_lib.check_every_class_has_images(train_split, "train")
     if validation_split == "auto":
@@ -586,10 +598,11 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
     steps_per_epoch = train_split.num_examples // global_batch
     train_data = data_lib.training_pipeline(train_split, image_size, global_batch, augment,
                                             seed=seed, cache=cache,
-                                            deterministic=deterministic)
+                                            deterministic=deterministic, channels=channels)
     static = _is_multi_worker(strategy) or isinstance(strategy, tf.distribute.TPUStrategy)
     validation_data = None if validation is None else data_lib.evaluation_pipeline(
-        validation, image_size, global_batch, cache=cache, drop_remainder=static)
+        validation, image_size, global_batch, cache=cache, drop_remainder=static,
+        channels=channels)
 
     output = os.fspath(output)
     start = (_check_output(output, settings, resume, epochs, train_split.class_names)
@@ -609,7 +622,7 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
             keras.config.set_dtype_policy(MIXED_PRECISION[mixed_precision])
         with strategy.scope():
             classifier = build_model(architecture, classes, image_size, weights,
-                                     drop_path_rate)
+                                     drop_path_rate, channels)
             if start.weights_from:
                 try:
                     classifier.load_weights(start.weights_from)
@@ -652,7 +665,7 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
 
     # model.keras is for inference: float32, without the optimizer's state
     # (checkpoints/last.keras keeps that for resuming).
-    final = build_model(architecture, classes, image_size, None, drop_path_rate)
+    final = build_model(architecture, classes, image_size, None, drop_path_rate, channels)
     final.set_weights(classifier.get_weights())
     save_model(final, os.path.join(work, "model.keras"))
     if not chief:
@@ -706,7 +719,8 @@ def evaluate(data, model_file, split="auto", batch_size=64, data_dir=None,
                   metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
                            keras.metrics.TopKCategoricalAccuracy(k=min(5, classes),
                                                                  name="top5")])
-    batches = data_lib.evaluation_pipeline(evaluation, (height, width), batch_size)
+    batches = data_lib.evaluation_pipeline(evaluation, (height, width), batch_size,
+                                           channels=model.input_shape[-1])
     if not takes_pixels(model):  # a Twins model built with include_preprocessing=False
         batches = batches.map(lambda images, labels: (normalized(images), labels))
     results = model.evaluate(batches, return_dict=True,
@@ -808,7 +822,7 @@ def _check_output(output, settings, resume, epochs, class_names):
         current = json.loads(json.dumps(settings))  # tuples as lists, as run.json holds them
         finished = os.path.exists(os.path.join(output, "model.keras"))
         same = previous is not None and all(
-            previous.get(key) == current.get(key) for key in _RUN_KEYS)
+            previous.get(key, _RUN_DEFAULTS.get(key)) == current.get(key) for key in _RUN_KEYS)
         # A folder with only run.json and labels.txt is a run that failed
         # before its first epoch (say, out of memory in its first step): reuse it.
         started = bool(set(os.listdir(output)) - {"run.json", "labels.txt"})

@@ -14,6 +14,8 @@ from keras_twins.channels import RGB
 from keras_twins.channels import adapt_stem_kernel
 from weights_convert.mapping import check_finite
 
+# The Twins layer whose kernel takes the image channels.
+STEM_LAYER = "patch_embed_0"
 # What `weights=` takes, besides "imagenet": Keras' files and PyTorch checkpoints.
 WEIGHTS_SUFFIXES = (".h5", ".keras", ".safetensors", ".pth", ".pt", ".bin")
 
@@ -251,16 +253,32 @@ def loading_layout(weights):
 
 def copy_weights(source, target):
     """Copies each layer of `source` that has weights into `target`'s layer of
-    the same name, adapting the first convolution's RGB kernel to `target`'s
-    channels (`keras_twins.channels.adapt_stem_kernel`)."""
+    the same name (`transferable`)."""
     for layer in source.layers:
-        if not layer.weights:
-            continue
-        destination = target.get_layer(layer.name)
-        values = [value if value.shape == tuple(variable.shape)
-                  else adapt_stem_kernel(value, variable.shape[2])
-                  for value, variable in zip(layer.get_weights(), destination.weights)]
-        destination.set_weights(values)
+        if layer.weights:
+            destination = target.get_layer(layer.name)
+            destination.set_weights(transferable(layer, destination))
+
+
+def transferable(source, target):
+    """The weights of the layer `source` for the layer `target` of another
+    model: as they are, or with the first convolution's RGB kernel adapted to
+    `target`'s channels (`keras_twins.channels.adapt_stem_kernel`); None
+    where they do not fit."""
+    values, shapes = source.get_weights(), [tuple(v.shape) for v in target.weights]
+    if len(values) != len(shapes):
+        return None
+    fitted = []
+    for value, shape in zip(values, shapes):
+        if value.shape != shape:
+            other_channels = (target.name == STEM_LAYER and value.ndim == 4 and len(shape) == 4
+                              and value.shape[2] == RGB and value.shape[:2] == shape[:2]
+                              and value.shape[3] == shape[3])
+            if not other_channels:
+                return None
+            value = adapt_stem_kernel(value, shape[2])
+        fitted.append(value)
+    return fitted
 
 
 def _stem_channels_of_layers(layers):

@@ -28,6 +28,7 @@ import keras_twins
 from keras_twins import data as data_lib
 from keras_twins import export as export_lib
 from keras_twins import training
+from keras_twins.images import grayscale
 
 WORKER = pathlib.Path(__file__).with_name("train_worker.py")
 # Small enough to train in seconds, large enough to learn the digits.
@@ -664,16 +665,16 @@ def test_bad_settings_and_model_files_give_one_line_errors(tmp_path, capfd):
     # complaint about `image_size` before.
     tabular = keras.Sequential([keras.Input((10,)), keras.layers.Dense(2, "softmax")])
     tabular.save(tmp_path / "tabular.keras")
-    gray = keras.Sequential([keras.Input((32, 32, 1)), keras.layers.Flatten(),
+    four = keras.Sequential([keras.Input((32, 32, 4)), keras.layers.Flatten(),
                              keras.layers.Dense(2, "softmax")])
-    gray.save(tmp_path / "gray.keras")
+    four.save(tmp_path / "four.keras")
     for name, message in [
             ("tabular", "not an image model (its input has shape (None, 10), not (batch, "
                         "height, width, channels))"),
-            # Exported as it is (below); image files are read as RGB.
-            ("gray", "a model of 1-channel images (input shape (None, 32, 32, 1)), and "
-                     "keras_twins' image pipelines read files as RGB, 3 channels: run it on a "
-                     "pipeline of your own (model.fit, model.predict)")]:
+            # Exported as it is (below); image files are read as RGB or gray.
+            ("four", "a model of 4-channel images (input shape (None, 32, 32, 4)), and "
+                     "keras_twins' image pipelines read files as RGB or grayscale (3 or 1 "
+                     "channels): run it on a pipeline of your own (model.fit, model.predict)")]:
         message = f"{tmp_path / name}.keras: {message}"
         for command in [("predict", "--model", f"{tmp_path / name}.keras",
                          data / "train" / "circle" / "0.png"),
@@ -681,14 +682,65 @@ def test_bad_settings_and_model_files_give_one_line_errors(tmp_path, capfd):
                          "tflite", "--output", tmp_path / f"{name}.tflite"),
                         ("evaluate", "--data", data, "--model-file", f"{tmp_path / name}.keras")]:
             code, _, err = run_cli(capfd, *command)
-            if name == "gray" and command[0] == "export":
+            if name == "four" and command[0] == "export":
                 assert code == 0, err
                 continue
             assert code == 1 and err.strip() == f"error: {message}", err
     assert not (tmp_path / "tabular.tflite").exists()
-    assert (tmp_path / "gray.tflite").exists()
+    assert (tmp_path / "four.tflite").exists()
     with pytest.raises(export_lib.ExportError, match=r"^`model` is not an image model \(its "):
         export_lib.export(tabular, tmp_path / "out.tflite")
+
+
+def test_cli_trains_evaluates_predicts_and_exports_a_grayscale_model(tmp_path, capfd):
+    """`train --channels 1` trains on the gray of the augmented RGB images, and
+    the trained model.keras is evaluated, predicts and is calibrated for int8
+    on gray images too. A channel count that image files are not read as is
+    one line."""
+    data = image_folder(tmp_path / "data", per_class=4, size=(36, 44))
+    output = tmp_path / "run"
+    code, out, err = run_cli(capfd, "train", "--data", data, "--model", json_config(tmp_path),
+                             "--image-size", "32", "--epochs", "1", "--batch-size", "4",
+                             "--channels", "1", "--output", output)
+    assert code == 0, err
+    model = keras.models.load_model(output / "model.keras")
+    assert model.input_shape == (None, 32, 32, 1)
+    assert json.loads((output / "run.json").read_text())["channels"] == 1
+    code, out, err = run_cli(capfd, "evaluate", "--data", data, "--model-file",
+                             output / "model.keras", "--json")
+    assert code == 0, err
+    assert json.loads(out)["examples"] == 8
+    images = sorted(pathlib.Path(data, "validation").glob("*/*.png"))
+    code, out, err = run_cli(capfd, "predict", "--model", output / "model.keras", "--json",
+                             "--top", "2", *images)
+    assert code == 0, err
+    # What predict computes is the model on the images' gray (Pillow's resize).
+    pixels = np.stack([keras_twins.load_image(path, 32) for path in images])
+    expected = model.predict(grayscale(pixels), verbose=0)
+    labels = (output / "labels.txt").read_text().split()
+    for entry, row in zip(json.loads(out), expected):
+        best = entry["predictions"][0]
+        assert best["label"] == labels[int(row.argmax())]
+        assert abs(best["probability"] - row.max()) < 1e-5
+    code, out, err = run_cli(capfd, "export", "--model", output / "model.keras", "--format",
+                             "tflite", "--quantize", "int8", "--representative-data",
+                             data / "train", "--output", tmp_path / "gray.tflite")
+    assert code == 0, err
+    assert "input 1x32x32x1 float32 grayscale" in out
+    # The pipelines give the gray of what they give for RGB.
+    split = data_lib.load_split(data, "validation")
+    rgb, gray = (next(iter(data_lib.evaluation_pipeline(split, (32, 32), 8, channels=c)))[0]
+                 for c in (3, 1))
+    assert gray.shape == (8, 32, 32, 1)
+    np.testing.assert_allclose(gray, grayscale(rgb), rtol=1e-6, atol=1e-4)
+    code, _, err = run_cli(capfd, "train", "--data", data, "--model", json_config(tmp_path),
+                           "--channels", "4", "--output", tmp_path / "four")
+    assert code == 2 and "--channels: invalid choice: 4" in err, err
+    with pytest.raises(data_lib.DataError, match=re.escape(
+            "image files are read as RGB or grayscale: `channels` must be 3 or 1. "
+            "Received: channels=4")):
+        training.train(data, TINY_LIST, output=tmp_path / "four", channels=4)
+    assert not (tmp_path / "four").exists()
 
 
 def test_the_smallest_training_size_follows_a_json_architecture(tmp_path, capfd):
@@ -926,6 +978,23 @@ def test_fine_tuning_weights_bring_all_but_a_head_of_another_size(random_referen
         for a, b in zip(grown.get_layer(name).get_weights(),
                         backbone.get_layer(name).get_weights(), strict=True):
             np.testing.assert_array_equal(a, b)
+    # For grayscale, RGB weights bring their first convolution summed over R, G
+    # and B (timm's in_chans=1), from a checkpoint and from a Keras file.
+    gray = training.build_model("twins_pcpvt_small", 3, (64, 64), weights=checkpoint,
+                                channels=1)
+    np.testing.assert_allclose(gray.get_layer("patch_embed_0").get_weights()[0],
+                               reference.get_layer("patch_embed_0").get_weights()[0].sum(
+                                   axis=2, keepdims=True), rtol=1e-6, atol=1e-6)
+    gray = training.build_model(TINY_LIST, 5, (48, 48), weights=tmp_path / "small.keras",
+                                channels=1)
+    np.testing.assert_allclose(gray.get_layer("patch_embed_0").get_weights()[0],
+                               small.get_layer("patch_embed_0").get_weights()[0].sum(
+                                   axis=2, keepdims=True), rtol=1e-6, atol=1e-6)
+    gray.save(tmp_path / "gray.keras")
+    with pytest.raises(training.TrainingError, match=re.escape(
+            "gray.keras: a model of 1-channel images, and only RGB ones are adapted to 3 "
+            "channels; train with channels=1")):
+        training.build_model(TINY_LIST, 5, (48, 48), weights=tmp_path / "gray.keras")
     with pytest.raises(training.TrainingError, match="not a loadable Keras model"):
         (tmp_path / "broken.keras").write_bytes(b"PK broken")
         training.build_model(TINY_LIST, 5, (48, 48), weights=tmp_path / "broken.keras")
