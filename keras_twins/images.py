@@ -99,7 +99,7 @@ def _crop_size(image_size):
 
 # What image files are read as: RGB, or its gray (`grayscale`) for a model of one channel.
 FILE_CHANNELS = (1, 3)
-# ITU-R BT.601 luma, as Pillow's convert("L") and tf.image.rgb_to_grayscale weigh R, G and B.
+# ITU-R BT.601 luma: the weights of R, G and B in Pillow's convert("L").
 LUMA = (0.299, 0.587, 0.114)
 
 

@@ -733,6 +733,10 @@ def test_cli_trains_evaluates_predicts_and_exports_a_grayscale_model(tmp_path, c
                  for c in (3, 1))
     assert gray.shape == (8, 32, 32, 1)
     np.testing.assert_allclose(gray, grayscale(rgb), rtol=1e-6, atol=1e-4)
+    # That gray is Pillow's convert("L"), before its rounding to 8 bits.
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    pillow = np.asarray(Image.fromarray(pixels).convert("L"), np.float32)
+    assert np.abs(grayscale(pixels)[..., 0] - pillow).max() <= 0.51
     code, _, err = run_cli(capfd, "train", "--data", data, "--model", json_config(tmp_path),
                            "--channels", "4", "--output", tmp_path / "four")
     assert code == 2 and "--channels: invalid choice: 4" in err, err
