@@ -151,17 +151,18 @@ def Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios,
         has_norms, channels = loading_layout(weights)
         without_norms = pyramid_norm and not has_norms
         channels = channels or input_shape[-1]
-        if channels != input_shape[-1]:
-            check_stem_channels(channels, input_shape[-1], weights, name)
         if without_norms or channels != input_shape[-1]:
-            # Weights without pyramid norms, or of RGB images: load them into
-            # the network they fit, then copy layer by layer.
+            # Weights without pyramid norms, or of other channels: load them
+            # into the network they fit (a file of another architecture is
+            # named as such here), then copy layer by layer.
             source = Twins(embed_dims, depths, num_heads, mlp_ratios, sr_ratios, window_sizes,
                            patch_size, include_top, weights,
                            input_shape=(*input_shape[:2], channels), pooling=pooling,
                            classes=classes, include_preprocessing=include_preprocessing,
                            pyramid_norm=pyramid_norm and not without_norms,
                            name=name)  # which the errors of weights that do not fit name
+            if channels != input_shape[-1]:
+                check_stem_channels(channels, input_shape[-1], weights, name)  # RGB's adapt
             copy_weights(source, model)
         else:
             load_weights(model, weights, variant, include_top=include_top, classes=classes)

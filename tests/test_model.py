@@ -367,15 +367,19 @@ def test_a_model_of_other_channel_counts_normalizes_trains_and_saves(tmp_path):
                               weights=str(tmp_path / "gray.weights.h5"))
     for a, b in zip(gray.get_weights(), again.get_weights()):
         np.testing.assert_array_equal(a, b)
-    # Another architecture's RGB weights are named as such, for the model built.
-    with pytest.raises(ValueError, match=r"holds the weights of a Twins-SVT with embed_dims="
-                                         r"\(8, 16, 24, 32\).*, not of twins_svt_small$"):
-        keras_twins.TwinsSVTSmall(weights=str(tmp_path / "rgb.weights.h5"), include_top=False,
-                                  input_shape=(None, None, 1))
+    # Another architecture's weights are named as such, for the model built,
+    # before their channels: RGB ones into a gray model, gray ones into RGB.
+    for weights, channels in (("rgb", 1), ("gray", 3)):
+        with pytest.raises(ValueError, match=r"holds the weights of a Twins-SVT with "
+                                             r"embed_dims=\(8, 16, 24, 32\).*, not of "
+                                             r"twins_svt_small$"):
+            keras_twins.TwinsSVTSmall(weights=str(tmp_path / f"{weights}.weights.h5"),
+                                      include_top=False, input_shape=(None, None, channels))
     for weights, channels in (("gray", 3), ("six", 1)):
-        with pytest.raises(ValueError) as error:
+        with pytest.raises(ValueError) as error:  # (six's file has pyramid norms)
             keras_twins.Twins(**TINY, classes=3, input_shape=(None, None, channels),
-                              weights=str(tmp_path / f"{weights}.weights.h5"))
+                              weights=str(tmp_path / f"{weights}.weights.h5"),
+                              pyramid_norm=weights == "six")
         found = {"gray": 1, "six": 6}[weights]
         assert str(error.value) == (
             f"{tmp_path / weights}.weights.h5: its first convolution takes {found}-channel "
