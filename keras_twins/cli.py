@@ -257,17 +257,16 @@ def _predicted(model, paths, size, load_image, unreadable, chunk=32):
     """
     import keras
 
-    from keras_twins.images import grayscale
     from keras_twins.model import normalized
     from keras_twins.model import takes_pixels
 
     normalize = not takes_pixels(model)  # a Twins model built with include_preprocessing=False
-    gray = model.input_shape[-1] == 1
+    channels = model.input_shape[-1]
     for start in range(0, len(paths), chunk):
         images, read = [], []
         for path in paths[start:start + chunk]:
             try:
-                images.append(load_image(path, size))
+                images.append(load_image(path, size, channels=channels))
                 read.append(path)
             except (OSError, ValueError) as error:
                 # Pillow's message names the file too: once is enough.
@@ -276,8 +275,6 @@ def _predicted(model, paths, size, load_image, unreadable, chunk=32):
         if not images:
             continue
         images = np.stack(images)
-        if gray:
-            images = grayscale(images)
         if normalize:
             images = keras.ops.convert_to_numpy(normalized(images))
         yield from zip(read, model.predict(images, batch_size=chunk, verbose=0))

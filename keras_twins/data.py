@@ -25,8 +25,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_twins import cpu_streams, variants
-from keras_twins.images import FILE_CHANNELS
 from keras_twins.images import LUMA
+from keras_twins.images import check_channels as check_file_channels
 
 TFDS_PREFIX = "tfds:"
 # TIFF has no TensorFlow decoder; those files are read with Pillow.
@@ -423,10 +423,8 @@ def evaluation_pipeline(split, image_size, global_batch_size, cache=False,
 
 
 def check_channels(channels):
-    """Refuses a channel count that image files are not read as."""
-    if isinstance(channels, bool) or channels not in FILE_CHANNELS:
-        raise DataError("image files are read as RGB or grayscale: `channels` must be 3 or 1. "
-                        f"Received: channels={channels!r}")
+    """Refuses a channel count that image files are not read as (a `DataError`)."""
+    check_file_channels(channels, DataError)
 
 
 def _with_channels(images, channels):

@@ -478,7 +478,6 @@ def _calibration(folder, spec, limit=200):
     `SkippedImagesWarning` naming them; a folder with none readable is an
     `ExportError`.
     """
-    from keras_twins.images import grayscale
     from keras_twins.images import load_image
 
     batch, height, width, channels = spec.shape
@@ -502,10 +501,8 @@ def _calibration(folder, spec, limit=200):
         # the last one filled up from the first files.
         for start in range(0, len(files), batch):
             paths = [files[(start + i) % len(files)] for i in range(batch)]
-            images = np.stack([load_image(path, (height, width)) for path in paths])
-            if channels == 1:
-                images = grayscale(images)
-            yield [images.astype(np.float32)]
+            yield [np.stack([load_image(path, (height, width), channels=channels)
+                             for path in paths]).astype(np.float32)]
 
     return samples
 

@@ -8,7 +8,8 @@ from keras_twins import variants
 from keras_twins.checks import is_whole
 
 
-def load_image(path, image_size=variants.DEFAULT_IMAGE_SIZE, crop_pct=variants.CROP_PCT):
+def load_image(path, image_size=variants.DEFAULT_IMAGE_SIZE, crop_pct=variants.CROP_PCT,
+               channels=3):
     """Loads an image file as the reference's evaluation transform does.
 
     `path` is a file path, a binary file object (`io.BytesIO(data)` for the
@@ -23,9 +24,17 @@ def load_image(path, image_size=variants.DEFAULT_IMAGE_SIZE, crop_pct=variants.C
     `int(width / crop_pct)` (timm's `ResizeKeepRatio`, which timm runs
     bilinear; bicubic here, as for square sizes).
 
+    With `channels=1`, for a grayscale model, the RGB crop's gray (`grayscale`).
+
     Returns:
-        float32 array `(height, width, 3)`, pixels in [0, 255].
+        float32 array `(height, width, channels)`, pixels in [0, 255].
     """
+    check_channels(channels)
+    image = _rgb_crop(path, image_size, crop_pct)
+    return grayscale(image) if channels == 1 else image
+
+
+def _rgb_crop(path, image_size, crop_pct):
     try:
         from PIL import Image
     except ImportError:
@@ -101,6 +110,13 @@ def _crop_size(image_size):
 FILE_CHANNELS = (1, 3)
 # ITU-R BT.601 luma: the weights of R, G and B in Pillow's convert("L").
 LUMA = (0.299, 0.587, 0.114)
+
+
+def check_channels(channels, error=ValueError):
+    """Refuses, with `error`, a channel count that image files are not read as."""
+    if isinstance(channels, bool) or channels not in FILE_CHANNELS:
+        raise error("image files are read as RGB or grayscale: `channels` must be 3 or 1. "
+                    f"Received: channels={channels!r}")
 
 
 def grayscale(images):
