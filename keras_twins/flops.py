@@ -8,11 +8,12 @@ projection and the window attention run on them.
 
 
 def count_macs(embed_dims, depths, num_heads, mlp_ratios, sr_ratios,
-               window_sizes=None, patch_size=4, image_size=(224, 224), classes=1000):
-    """Returns the multiply-accumulates of one forward pass of one image."""
+               window_sizes=None, patch_size=4, image_size=(224, 224), classes=1000,
+               channels=3):
+    """Returns the multiply-accumulates of one forward pass of one image of `channels`."""
     del num_heads  # heads split channels; they do not change the count
     height, width = image_size
-    channels_in = 3
+    channels_in = channels
     total = 0
     for stage, dim in enumerate(embed_dims):
         patch = patch_size if stage == 0 else 2

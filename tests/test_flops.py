@@ -17,3 +17,12 @@ def test_macs_at_224_match_an_independent_count(variant):
     config = keras_twins.VARIANTS[variant]["config"]
     assert round(count_macs(**config) / 1e9, 2) == INDEPENDENT_GMACS[variant]
 
+
+
+def test_the_stem_counts_the_images_channels():
+    config = keras_twins.VARIANTS["twins_svt_small"]["config"]
+    # The first convolution: 56x56 patches of 4x4 pixels, 64 outputs each.
+    per_channel = 56 * 56 * 64 * 4 * 4
+    rgb = count_macs(**config)
+    assert rgb - count_macs(**config, channels=1) == 2 * per_channel
+    assert count_macs(**config, channels=4) - rgb == per_channel
