@@ -12,7 +12,8 @@ Each file runs in LiteRT on 2 threads with XNNPACK, and the float32 and
 full-integer files on 1 thread too; the script prints each best latency
 over alternating rounds. What a group costs in int8 is the
 full-integer time minus the time with that group in float32. It is the
-profile behind the int8 bound in README's Performance section.
+profile behind the int8 bound in README's Performance section and
+benchmarks/NOTES.md.
 """
 
 import argparse

@@ -6,7 +6,7 @@ Runs one batch of 16 at 224x224 on 2 threads (predict: the model's
 `predict_step`, as `model.predict` traces it; fit: one `model.fit` step
 with AdamW, clipping and drop path) under TensorFlow's profiler, and prints
 each op type's total time and share. It is the profile behind the bounds
-in README's Performance section.
+in benchmarks/NOTES.md.
 """
 
 import argparse
