@@ -101,6 +101,21 @@ def default_validation_split(source, data_dir=None, manual_dir=None):
     return next((name for name in VALIDATION_SPLITS if name in names), None)
 
 
+def evaluation_split(source, data_dir=None, manual_dir=None):
+    """The split to evaluate on: the first of validation, val, test and train."""
+    wanted = (*VALIDATION_SPLITS, "train")
+    names = split_names(source, data_dir, manual_dir)
+    name = next((name for name in wanted if name in names), None)
+    if name is not None:
+        return name
+    if os.fspath(source).startswith(TFDS_PREFIX):
+        # Mocked builders (tfds.testing.mock_data) list no splits and accept any.
+        if not names:
+            return "train"
+        raise DataError(f"{source} has no {_either(wanted)} split (found: {', '.join(names)})")
+    raise _no_split(source, wanted)
+
+
 def check_same_classes(train, validation, validation_name):
     if train.class_names != validation.class_names:
         missing = sorted(set(train.class_names) - set(validation.class_names))
@@ -141,15 +156,7 @@ def _folder_split(root, split):
                         "or tfds:NAME)")
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
-        found = split_names(root)
-        message = f"{root}: no '{split}' split (found: {', '.join(found) or 'no sub-folders'})"
-        if any(_holds_images(os.path.join(root, name)) for name in found):
-            # Keras' image_dataset_from_directory takes a folder of class folders.
-            message += (f"; its sub-folders hold images, as one split's class folders do: "
-                        f"the layout is ROOT/SPLIT/LABEL/*.jpg, so move them into {folder}")
-        elif _holds_images(root):
-            message += "; its images are not in class folders: the layout is ROOT/SPLIT/LABEL/*.jpg"
-        raise DataError(message)
+        raise _no_split(root, (split,))
     class_names = _subfolders(folder)
     paths, labels = [], []
     for label, name in enumerate(class_names):
@@ -170,6 +177,26 @@ def _folder_split(root, split):
     dataset = tf.data.Dataset.from_tensor_slices((paths, labels)).map(
         _decode_file, num_parallel_calls=tf.data.AUTOTUNE)
     return Split(dataset, class_names, len(kept), skipped, paths, labels)
+
+
+def _no_split(root, wanted):
+    """The error for an image folder that has none of the splits `wanted`."""
+    found = split_names(root)
+    message = f"{root}: no {_either(wanted)} split (found: {', '.join(found) or 'no sub-folders'})"
+    if any(_holds_images(os.path.join(root, name)) for name in found):
+        # Keras' image_dataset_from_directory takes a folder of class folders.
+        message += (f"; its sub-folders hold images, as one split's class folders do: "
+                    f"the layout is ROOT/SPLIT/LABEL/*.jpg, so move them into "
+                    f"{os.path.join(root, wanted[0])}")
+    elif _holds_images(root):
+        message += "; its images are not in class folders: the layout is ROOT/SPLIT/LABEL/*.jpg"
+    return DataError(message)
+
+
+def _either(names):
+    """'a', 'a' or 'b', 'a', 'b' or 'c'."""
+    quoted = [f"'{name}'" for name in names]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
 
 
 def _holds_images(folder):

@@ -693,7 +693,7 @@ def evaluate(data, model_file, split="auto", batch_size=64, data_dir=None,
         raise TrainingError(f"{model_file}: no such model file")
     model = load_keras_model(model_file)
     if split == "auto":
-        split = data_lib.default_validation_split(data, data_dir, manual_dir) or "train"
+        split = data_lib.evaluation_split(data, data_dir, manual_dir)
     evaluation = data_lib.load_split(data, split, data_dir, manual_dir)
     height, width = model.input_shape[1:3]
     if height is None or width is None:

@@ -32,6 +32,19 @@ def test_evaluate_names_the_split_it_scored(tmp_path, capfd):
     assert code == 0 and out.startswith("6 examples of the validation split: loss "), out
     results = training.evaluate(both, tmp_path / "model.keras", split="train", verbose=0)
     assert results["split"] == "train" and results["examples"] == 6
+    # No split to fall back on: the error names every split "auto" looks for.
+    loose = tmp_path / "loose"
+    image_folder(loose, per_class=1, splits=("train",))
+    (loose / "train").rename(loose / "images")
+    code, out, err = run_cli(capfd, "evaluate", "--data", loose, "--model-file",
+                             tmp_path / "model.keras")
+    assert code == 1 and err.strip().splitlines()[-1] == (
+        f"error: {loose}: no 'validation', 'val', 'test' or 'train' split (found: images)"), err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"no 'validation', 'val', 'test' or 'train' split "
+                                         r"\(found: no sub-folders\)$"):
+        training.evaluate(empty, tmp_path / "model.keras", verbose=0)
 
 
 def test_a_runs_labels_that_do_not_name_the_outputs_are_named_in_a_warning(tmp_path, capfd):

@@ -297,6 +297,17 @@ def test_a_tfds_dataset_is_prepared_for_real(tmp_path):
     assert split.class_names == ["dark", "light"] and split.num_examples == 6
     labels = sorted(int(label) for _, label in split.dataset.as_numpy_iterator())
     assert labels == [0, 0, 0, 1, 1, 1]
+    # `evaluate`'s "auto" takes train when there is nothing else, and names
+    # the splits it looked for when there is not even that.
+    assert data_lib.evaluation_split("tfds:keras_twins_test_shapes", str(tmp_path)) == "train"
+
+    class KerasTwinsTestHoldout(KerasTwinsTestShapes):
+        def _split_generators(self, dl_manager):
+            return {"holdout": self._generate_examples()}
+
+    with pytest.raises(data_lib.DataError, match=r"^tfds:keras_twins_test_holdout has no "
+                       r"'validation', 'val', 'test' or 'train' split \(found: holdout\)$"):
+        data_lib.evaluation_split("tfds:keras_twins_test_holdout", str(tmp_path))
 
 
 @pytest.mark.parametrize("dtype, stored, expected", [
