@@ -13,6 +13,7 @@ import numpy as np
 from keras_twins.channels import RGB
 from keras_twins.channels import adapt_stem_kernel
 from weights_convert.mapping import check_finite
+from weights_convert.mapping import differs_in_channels
 
 # The Twins layer whose kernel takes the image channels.
 STEM_LAYER = "patch_embed_0"
@@ -271,10 +272,8 @@ def transferable(source, target):
     fitted = []
     for value, shape in zip(values, shapes):
         if value.shape != shape:
-            other_channels = (target.name == STEM_LAYER and value.ndim == 4 and len(shape) == 4
-                              and value.shape[2] == RGB and value.shape[:2] == shape[:2]
-                              and value.shape[3] == shape[3])
-            if not other_channels:
+            if not (target.name == STEM_LAYER and differs_in_channels(value.shape, shape, axis=2)
+                    and value.shape[2] == RGB):
                 return None
             value = adapt_stem_kernel(value, shape[2])
         fitted.append(value)

@@ -115,7 +115,7 @@ def assign_state_dict(model, state_dict, source, include_top=True):
         tensor = state_dict[key]
         permutation = _permutation(variable.path, len(variable.shape))
         expected_shape = [variable.shape[i] for i in np.argsort(permutation)]
-        if key == STEM_KEY and _differs_in_channels(tensor.shape, expected_shape):
+        if key == STEM_KEY and differs_in_channels(tensor.shape, expected_shape, axis=1):
             check_stem_channels(tensor.shape[1], expected_shape[1], source, model.name)
             check_finite(tensor, source, key)
             from keras_twins.channels import adapt_stem_kernel  # keras_twins imports this module
@@ -134,12 +134,15 @@ def assign_state_dict(model, state_dict, source, include_top=True):
         variable.assign(array)
 
 
-def _differs_in_channels(shape, expected_shape):
-    """Whether a convolution's (out, in, kh, kw) `shape` differs from the
-    expected one in its input channels alone."""
+def differs_in_channels(shape, expected_shape, axis):
+    """Whether a convolution kernel's `shape` differs from the expected one in
+    its input channels alone: `axis` 1 of PyTorch's (out, in, kh, kw), 2 of
+    Keras' (kh, kw, in, out)."""
     shape, expected_shape = list(shape), list(expected_shape)
-    return (len(shape) == len(expected_shape) == 4 and shape[1] != expected_shape[1]
-            and shape[:1] + shape[2:] == expected_shape[:1] + expected_shape[2:])
+    if not len(shape) == len(expected_shape) == 4 or shape[axis] == expected_shape[axis]:
+        return False
+    del shape[axis], expected_shape[axis]
+    return shape == expected_shape
 
 
 def check_stem_channels(found, channels, source, model_name):
