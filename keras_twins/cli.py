@@ -158,11 +158,21 @@ def main(argv=None):
                 output = _info()
     except CommandError as error:
         if error.output:
-            print(error.output)
-        print(f"error: {error}", file=sys.stderr)
+            print(_printable(error.output, sys.stdout))
+        print(_printable(f"error: {error}", sys.stderr), file=sys.stderr)
         return 1
-    print(output)
+    print(_printable(output, sys.stdout))
     return 0
+
+
+def _printable(text, stream):
+    """`text` as `stream` can write it: a file name's bytes that are not UTF-8 as \\xNN."""
+    try:  # a name's undecodable bytes are surrogates in Python's str
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        pass  # other lone surrogates: escaped below
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    return text.encode(encoding, "backslashreplace").decode(encoding)
 
 
 def _predict(args):
@@ -518,7 +528,7 @@ def _warnings_shown(*categories):
         finally:
             for warning in caught:
                 if issubclass(warning.category, categories):
-                    print(f"warning: {warning.message}", file=sys.stderr)
+                    print(_printable(f"warning: {warning.message}", sys.stderr), file=sys.stderr)
 
 
 @contextlib.contextmanager

@@ -158,6 +158,10 @@ def _folder_split(root, split):
     if not os.path.isdir(folder):
         raise _no_split(root, (split,))
     class_names = _subfolders(folder)
+    for name in class_names:
+        if not name.isprintable():  # undecodable bytes (surrogates) or control characters
+            raise DataError(f"{folder}: the class folder name {os.fsencode(name)!r} is not "
+                            "printable text; class names go into labels.txt, so rename it")
     paths, labels = [], []
     for label, name in enumerate(class_names):
         found = _image_files(os.path.join(folder, name))
@@ -172,7 +176,8 @@ def _folder_split(root, split):
     kept = [(path, label) for path, label in zip(paths, labels) if path in readable]
     if not kept:
         raise DataError(f"{folder}: none of its {len(paths)} image files can be decoded")
-    paths = tf.constant([path for path, _ in kept])
+    # As bytes: a file name need not be UTF-8, and TensorFlow's strings are bytes.
+    paths = tf.constant([os.fsencode(path) for path, _ in kept])
     labels = tf.constant([label for _, label in kept], tf.int32)
     dataset = tf.data.Dataset.from_tensor_slices((paths, labels)).map(
         _decode_file, num_parallel_calls=tf.data.AUTOTUNE)
@@ -245,7 +250,7 @@ def _pillow_decode(path):
 
     from keras_twins.images import rgb
 
-    with Image.open(path.decode()) as image:
+    with Image.open(os.fsdecode(path)) as image:
         return np.asarray(rgb(image), dtype=np.uint8)
 
 
@@ -271,10 +276,10 @@ def _readable(paths):
             lambda: tf.shape(_tensorflow_decode(path), out_type=tf.int64)[0],
         )
 
-    check = tf.data.Dataset.from_tensor_slices(paths).map(
+    check = tf.data.Dataset.from_tensor_slices([os.fsencode(path) for path in paths]).map(
         lambda path: (path, height(path)), num_parallel_calls=tf.data.AUTOTUNE,
     ).ignore_errors().filter(lambda path, height: height > 0)
-    return {path.decode() for path, _ in check.as_numpy_iterator()}
+    return {os.fsdecode(path) for path, _ in check.as_numpy_iterator()}
 
 
 # --- tensorflow-datasets -------------------------------------------------

@@ -4,6 +4,7 @@ import os
 import shutil
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import image_folder
@@ -52,16 +53,36 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, capfd):
     data = image_folder(tmp_path / "data", per_class=4)
     (data / "train" / "circle" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     (data / "train" / "square" / "text.jpg").write_text("not an image")
+    # A name that is not UTF-8 (Latin-1 bytes), printed with its byte escaped.
+    open(os.path.join(os.fsencode(data / "train" / "square"), b"caf\xe9.jpg"), "wb").close()
     # Jupyter's checkpoint folder is not a class.
     (data / "train" / ".ipynb_checkpoints").mkdir()
     split = data_lib.load_split(data, "train")
     assert split.num_examples == 8 and split.class_names == ["circle", "square"]
-    assert sorted(os.path.basename(p) for p in split.skipped) == ["broken.png", "text.jpg"]
+    assert (sorted(os.fsencode(os.path.basename(p)) for p in split.skipped)
+            == [b"broken.png", b"caf\xe9.jpg", b"text.jpg"])
     code, out, err = run_cli(capfd, "train", "--data", data, "--model", json_config(tmp_path),
                              "--image-size", "32", "--epochs", "1", "--batch-size", "4",
                              "--augment", "none", "-o", tmp_path / "run")
     assert code == 0, err[-2000:]
-    assert "skipped 2 unreadable image file(s)" in out
+    assert "skipped 3 unreadable image file(s)" in out and "caf\\xe9.jpg" in out
+
+
+def test_file_names_that_are_not_utf8(tmp_path):
+    """A Latin-1 file name failed TensorFlow's string conversion with a
+    traceback; a class name that is not text cannot go into labels.txt."""
+    data = image_folder(tmp_path / "data", per_class=2, splits=("train",))
+    circle = os.fsencode(data / "train" / "circle")
+    shutil.copy(os.path.join(circle, b"0.png"), os.path.join(circle, b"\xe9t\xe9.png"))
+    split = data_lib.load_split(data, "train")
+    assert split.num_examples == 5 and split.skipped == []
+    assert os.path.join(circle, b"\xe9t\xe9.png") in list(split.paths.numpy())
+    assert sum(1 for _ in split.dataset) == 5
+    os.mkdir(os.path.join(os.fsencode(data / "train"), b"d\xffg"))
+    with pytest.raises(data_lib.DataError) as error:
+        data_lib.load_split(data, "train")
+    assert str(error.value) == (f"{data / 'train'}: the class folder name b'd\\xffg' is not "
+                                "printable text; class names go into labels.txt, so rename it")
 
 
 def test_a_class_takes_the_images_in_its_sub_folders(tmp_path):
