@@ -167,8 +167,10 @@ def main(argv=None):
 
 def _printable(text, stream):
     """`text` as `stream` can write it: a file name's bytes that are not UTF-8 as \\xNN."""
+    from keras_twins.files import printable
+
     try:  # a name's undecodable bytes are surrogates in Python's str
-        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        text = printable(text)
     except UnicodeEncodeError:
         pass  # other lone surrogates: escaped below
     encoding = getattr(stream, "encoding", None) or "utf-8"

@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from keras_twins.checks import is_whole
 from keras_twins.data import IMAGE_SUFFIXES
+from keras_twins.files import non_utf8_problem
 from keras_twins.files import replacing
 from keras_twins.files import write_text
 from keras_twins.images import FILE_CHANNELS
@@ -136,6 +137,8 @@ def export(model, path, format="tflite", quantize="none", representative_data=No
     if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
         raise ExportError(f"{path}: the output directory does not exist or is not writable")
     _check_replaceable(path, format)
+    if format == "saved_model" and (problem := non_utf8_problem(os.path.abspath(path))):
+        raise ExportError(problem)
     height, width = export_size(model, image_size)
     if batch_size is None and format == "tflite":
         raise ExportError("a TFLite file takes a fixed batch (LiteRT's resize_tensor_input "
@@ -257,7 +260,8 @@ def tflite_report(path):
 
     from tensorflow.lite.tools import flatbuffer_utils
 
-    model = flatbuffer_utils.read_model(path)
+    content = _read_bytes(path)
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(content))
     graph = model.subgraphs[0]
     ops, float_ops, shape_arithmetic = set(), set(), set()
     for operator in graph.operators:
@@ -273,7 +277,7 @@ def tflite_report(path):
             shape_arithmetic.add(name)
     analysis = io.StringIO()
     with contextlib.redirect_stdout(analysis):
-        tf.lite.experimental.Analyzer.analyze(model_path=path, gpu_compatibility=True)
+        tf.lite.experimental.Analyzer.analyze(model_content=content, gpu_compatibility=True)
     verdict = next((line.strip() for line in analysis.getvalue().splitlines()
                     if "GPU delegate" in line), "no GPU-delegate verdict from the analyzer")
     return {
@@ -707,6 +711,12 @@ def read_tflite_metadata(path):
     """The metadata entries of a TFLite file, `{name: bytes}`."""
     from tensorflow.lite.tools import flatbuffer_utils
 
-    model = flatbuffer_utils.read_model(path)
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(_read_bytes(path)))
     return {m.name.decode(): bytes(model.buffers[m.buffer].data)
             for m in model.metadata if model.buffers[m.buffer].data is not None}
+
+
+def _read_bytes(path):
+    """The file's content, read by Python: TensorFlow's readers take UTF-8 paths only."""
+    with open(path, "rb") as f:
+        return f.read()

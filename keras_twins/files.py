@@ -46,6 +46,22 @@ def write_text(path, text):
             f.write(text)
 
 
+def printable(path):
+    """`path` as text that any terminal prints: bytes that are not UTF-8 as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def non_utf8_problem(path):
+    """Why TensorFlow cannot write to `path`, or None: its file functions (the
+    SavedModel writer, summaries, checkpoints) take UTF-8 paths only."""
+    try:
+        os.fsdecode(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return (f"{printable(path)}: TensorFlow writes only to UTF-8 paths, and this one "
+                "is not UTF-8: choose another name")
+    return None
+
+
 def other_entries(folder, names=(), prefixes=()):
     """The sorted entries of `folder` that are none of `names` and start with
     none of `prefixes`: what deleting or filling the folder would lose."""

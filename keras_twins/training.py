@@ -37,6 +37,7 @@ from keras_twins import variants
 from keras_twins.checks import is_whole
 from keras_twins.export import read_labels
 from keras_twins.export import run_labels
+from keras_twins.files import non_utf8_problem
 from keras_twins.files import other_entries
 from keras_twins.files import replacing
 from keras_twins.files import write_text
@@ -539,6 +540,9 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
                             f"Received: data={data!r}")
     if not isinstance(output, (str, os.PathLike)):
         raise TrainingError(f"`output` must be a folder path. Received: output={output!r}")
+    for folder in (output, backup_dir or output):
+        if problem := non_utf8_problem(folder):
+            raise TrainingError(problem)
     if weights is not None and not isinstance(weights, (str, os.PathLike)):
         raise TrainingError("`weights` must be None, 'imagenet' or a path. "
                             f"Received: weights={weights!r}")

@@ -91,12 +91,15 @@ def test_tflite_float32_matches_with_builtin_static_ops(case):
     assert np.abs(output - expected).max() <= 1e-5
     assert not ops & SHAPE_ARITHMETIC, ops & SHAPE_ARITHMETIC
     assert not {op for op in ops if op.startswith("FLEX") or op == "CUSTOM"}
-    report = tflite_report(str(path))
+    # Read by Python: TensorFlow's reader failed on a name that is not UTF-8.
+    latin1 = os.fsdecode(os.path.join(os.fsencode(directory), b"mod\xe8le.tflite"))
+    shutil.copy(path, latin1)
+    report = tflite_report(latin1)
     assert report["flex_or_custom"] == [] and report["shape_arithmetic"] == []
     assert "compatible with GPU delegate" in report["gpu_compatibility"]
     labels = (directory / "labels.txt").read_text().splitlines()
     assert labels == [name for _, name in imagenet_classes()]
-    metadata = read_tflite_metadata(str(path))
+    metadata = read_tflite_metadata(latin1)
     assert metadata["labels.txt"].decode().splitlines() == labels
     contract = json.loads(metadata["input_contract.json"])
     assert contract["range"] == [0, 255] and contract["shape"] == [1, *size, 3]
@@ -505,6 +508,11 @@ def test_an_output_path_that_names_other_things_loses_nothing(tmp_path):
                                 ("saved.tflite", "saved_model", "tflite")]:
         with pytest.raises(ExportError, match=f"pass format='{named}'"):
             export(model, tmp_path / path, format=format)
+    # TensorFlow's SavedModel writer failed on a name that is not UTF-8.
+    latin1 = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"mod\xe8le"))
+    with pytest.raises(ExportError, match=re.escape(
+            "mod\\xe8le: TensorFlow writes only to UTF-8 paths, and this one is not UTF-8")):
+        export(model, latin1, format="saved_model")
     assert (folder / "cat.jpg").read_bytes() == b"keep me" and keep.read_text() == "keep me"
     assert sorted(os.listdir(tmp_path)) == ["notes.txt", "photos"]
 

@@ -629,6 +629,17 @@ def test_python_train_names_a_bad_argument(change, message, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_an_output_folder_tensorflow_cannot_write_to_is_refused(tmp_path):
+    """Summaries and checkpoints failed on a folder name that is not UTF-8,
+    after run.json and labels.txt were written."""
+    latin1 = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"r\xe9sultats"))
+    for folders in (dict(output=latin1), dict(output=str(tmp_path / "run"), backup_dir=latin1)):
+        with pytest.raises(training.TrainingError, match=re.escape(
+                "r\\xe9sultats: TensorFlow writes only to UTF-8 paths, and this one is not UTF-8")):
+            training.train(str(tmp_path), TINY_LIST, epochs=1, **folders)
+        assert os.listdir(tmp_path) == []
+
+
 def cli_train(capfd, data, output, *more):
     return run_cli(capfd, "train", "--data", data, "--model", "twins_svt_small",
                    "--image-size", "32", "--epochs", "1", "--batch-size", "4",
