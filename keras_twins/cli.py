@@ -433,7 +433,7 @@ def _read_config(path):
     import keras_twins
 
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # Notepad's byte-order mark or none
             config = json.load(f)
     except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8
         raise CommandError(f"{path}: not a usable model configuration "

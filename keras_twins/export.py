@@ -662,9 +662,10 @@ def run_labels(model_file, classes):
 
 
 def read_labels(path):
-    """The lines of a `labels.txt`, or None if it cannot be read as UTF-8 text."""
+    """The lines of a `labels.txt`, or None if it cannot be read as UTF-8 text
+    (with or without the byte-order mark that Windows' Notepad writes)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return f.read().splitlines()
     except (OSError, UnicodeDecodeError):
         return None

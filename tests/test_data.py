@@ -61,7 +61,10 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, capfd):
     assert split.num_examples == 8 and split.class_names == ["circle", "square"]
     assert (sorted(os.fsencode(os.path.basename(p)) for p in split.skipped)
             == [b"broken.png", b"caf\xe9.jpg", b"text.jpg"])
-    code, out, err = run_cli(capfd, "train", "--data", data, "--model", json_config(tmp_path),
+    # A configuration saved by Windows' Notepad, which begins with a byte-order mark.
+    config = json_config(tmp_path)
+    config.write_bytes(b"\xef\xbb\xbf" + config.read_bytes())
+    code, out, err = run_cli(capfd, "train", "--data", data, "--model", config,
                              "--image-size", "32", "--epochs", "1", "--batch-size", "4",
                              "--augment", "none", "-o", tmp_path / "run")
     assert code == 0, err[-2000:]

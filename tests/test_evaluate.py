@@ -85,6 +85,9 @@ def test_a_runs_labels_that_do_not_name_the_outputs_are_named_in_a_warning(tmp_p
     code, out, err = run_cli(capfd, "predict", tmp_path / "image.png", "--model",
                              run / "model.keras")
     assert code == 0 and "warning" not in err and re.search(r"\b(cat|dog)\b", out), out
+    # Edited on Windows: Notepad's byte-order mark and CRLF line ends are not in the names.
+    (run / "labels.txt").write_bytes(b"\xef\xbb\xbfcat\r\ndog\r\n")
+    assert export.class_names(model, run / "model.keras") == ["cat", "dog"]
 
 
 def test_a_head_without_softmax_is_scored_and_shown_as_probabilities(tmp_path, capfd):
