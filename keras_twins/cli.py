@@ -122,8 +122,11 @@ def main(argv=None):
     train.add_argument("--backup-freq", default="epoch", help="'epoch' or a number of steps")
     train.add_argument("--resume", action="store_true",
                        help="continue the run already in --output")
+    train.add_argument("--train-split", default="train",
+                       help="split name (default train); tfds:NAME takes slices: 'train[:90%%]'")
     train.add_argument("--validation-split", default="auto",
-                       help="split name, 'auto' (validation, val or test) or 'none'")
+                       help="split name, 'auto' (validation, val or test) or 'none'; "
+                            "tfds:NAME takes slices: 'train[90%%:]'")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--cache", action="store_true", help="keep decoded images in memory")
     train.add_argument("--deterministic", action="store_true")
@@ -134,7 +137,8 @@ def main(argv=None):
     evaluate.add_argument("--data", required=True, help="tfds:NAME or an image folder")
     evaluate.add_argument("--model-file", required=True, help="a model.keras file")
     evaluate.add_argument("--split", default="auto",
-                          help="split name, or 'auto' (validation, val or test, else train)")
+                          help="split name, or 'auto' (validation, val or test, else train); "
+                               "tfds:NAME takes slices: 'train[90%%:]'")
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--data-dir", help="tensorflow-datasets data folder")
     evaluate.add_argument("--json", action="store_true", help="print JSON")
@@ -474,6 +478,7 @@ def _train(args):
                 mixed_precision=args.mixed_precision, backup_dir=args.backup_dir,
                 backup_freq=backup_freq, resume=args.resume, seed=args.seed,
                 cache=args.cache, deterministic=args.deterministic,
+                train_split=args.train_split,
                 validation_split=None if args.validation_split == "none"
                 else args.validation_split,
                 data_dir=args.data_dir, manual_dir=args.manual_dir, channels=args.channels)

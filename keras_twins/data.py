@@ -313,12 +313,20 @@ def _tfds_split(name, split, data_dir, manual_dir):
     if not hasattr(label_feature, "names"):
         raise DataError(f"tfds:{name}: '{info.supervised_keys[1]}' is not a class label")
     # Mocked builders (tfds.testing.mock_data) list no splits and accept any.
-    if info.splits and split not in info.splits:
-        raise DataError(f"tfds:{name} has no split {split!r} (found: "
-                        f"{', '.join(info.splits)})")
+    num_examples = None
+    if info.splits:
+        try:  # a split, or tfds' slices of splits: 'train[:90%]', 'train[2:5]+test'
+            num_examples = info.splits[split].num_examples
+        except (KeyError, ValueError) as error:
+            if split.isidentifier():
+                raise DataError(f"tfds:{name} has no split {split!r} "
+                                f"(found: {', '.join(info.splits)})") from None
+            raise DataError(f"tfds:{name}: {' '.join(str(error).split())}") from None
+        if not num_examples:
+            raise DataError(f"tfds:{name}: the split {split!r} holds no examples")
     dataset = builder.as_dataset(split=split, as_supervised=True)
-    num_examples = (info.splits[split].num_examples if info.splits
-                    else int(dataset.cardinality()))
+    if num_examples is None:
+        num_examples = int(dataset.cardinality())
     dataset = dataset.map(
         lambda image, label: (_three_channels(image), tf.cast(label, tf.int32)),
         num_parallel_calls=tf.data.AUTOTUNE)

@@ -57,9 +57,9 @@ CUSTOM_DROP_PATH_RATE = 0.1
 # Settings that change what a run computes; the same values resume a run.
 _RUN_KEYS = ("data", "model", "weights", "image_size", "epochs", "batch_size", "augment",
              "learning_rate", "weight_decay", "warmup_epochs", "drop_path_rate",
-             "label_smoothing", "seed", "mixed_precision", "channels")
+             "label_smoothing", "seed", "mixed_precision", "channels", "train_split")
 # What a run.json written before a setting existed trained with.
-_RUN_DEFAULTS = {"channels": 3}
+_RUN_DEFAULTS = {"channels": 3, "train_split": "train"}
 
 
 class TrainingError(ValueError):
@@ -479,13 +479,14 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
           weight_decay=0.05, warmup_epochs=5, drop_path_rate=None, label_smoothing=0.1,
           clipnorm=5.0, strategy="auto", tpu=None, jit_compile="auto", mixed_precision=None,
           backup_dir=None, backup_freq="epoch", resume=False, seed=0, cache=False,
-          deterministic=False, validation_split="auto", data_dir=None, manual_dir=None,
+          deterministic=False, train_split="train", validation_split="auto", data_dir=None,
+          manual_dir=None,
           verbose="auto", callbacks=(), channels=3):
     """Trains a Twins classifier with `model.fit` and writes a run folder.
 
     Args:
         data: `"tfds:NAME"` or an image folder `ROOT/SPLIT/LABEL/*.jpg|png|webp`;
-            the `train` split trains and `validation_split` validates.
+            `train_split` trains and `validation_split` validates.
         model: a variant name, or a dict of `keras_twins.Twins` arguments.
             `train` sets the input shape, the weights and the classes (from
             the data); the dict may repeat, not change, them. Its
@@ -519,8 +520,11 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
         seed: seeds initialization, shuffling and augmentation.
         cache: keep decoded images in memory after the first epoch.
         deterministic: reproducible input order (slower).
-        validation_split: a split name, `"auto"` (validation, val or test,
-            whichever exists) or `None`.
+        train_split: the split to train on. With tensorflow-datasets it may
+            be a slice: `"train[:90%]"` trains on 90% of train, and
+            `validation_split="train[90%:]"` validates on the rest.
+        validation_split: a split name (or slice), `"auto"` (validation, val
+            or test, whichever exists) or `None`.
         data_dir, manual_dir: tensorflow-datasets' folders.
         verbose: `fit`'s progress display.
         callbacks: more Keras callbacks.
@@ -540,6 +544,11 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
                             f"Received: data={data!r}")
     if not isinstance(output, (str, os.PathLike)):
         raise TrainingError(f"`output` must be a folder path. Received: output={output!r}")
+    if not (isinstance(train_split, str) and train_split and
+            (validation_split is None or isinstance(validation_split, str) and validation_split)):
+        raise TrainingError("train_split must be a split name, and validation_split one, "
+                            f"'auto' or None. Received: train_split={train_split!r}, "
+                            f"validation_split={validation_split!r}")
     for folder in (output, backup_dir or output):
         if problem := non_utf8_problem(folder):
             raise TrainingError(problem)
@@ -580,27 +589,29 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
                     augment=augment, learning_rate=learning_rate, weight_decay=weight_decay,
                     warmup_epochs=warmup_epochs, drop_path_rate=drop_path_rate,
                     label_smoothing=label_smoothing, seed=seed,
-                    mixed_precision=mixed_precision, channels=channels)
-    train_split = data_lib.load_split(data, "train", data_dir, manual_dir)
-    data_lib.check_every_class_has_images(train_split, "train")
+                    mixed_precision=mixed_precision, channels=channels,
+                    train_split=train_split)
+    training_set = data_lib.load_split(data, train_split, data_dir, manual_dir)
+    data_lib.check_every_class_has_images(training_set, train_split)
     if validation_split == "auto":
         validation_split = data_lib.default_validation_split(data, data_dir, manual_dir)
     validation = None
     if validation_split:
         validation = data_lib.load_split(data, validation_split, data_dir, manual_dir)
-        data_lib.check_same_classes(train_split, validation, validation_split)
-    classes = len(train_split.class_names)
+        data_lib.check_same_classes(training_set, validation, validation_split)
+    classes = len(training_set.class_names)
     if classes < 2:
-        raise TrainingError(f"{data}: the train split has {classes} class; at least 2 needed")
+        raise TrainingError(f"{data}: the {train_split} split has {classes} class; "
+                            "at least 2 needed")
     if config_classes is not None and config_classes != classes:
         raise TrainingError(f"the model configuration has classes={config_classes!r}, but "
                             f"{data} has {classes} classes ("
-                            f"{', '.join(train_split.class_names)[:200]})")
+                            f"{', '.join(training_set.class_names)[:200]})")
 
     replicas = strategy.num_replicas_in_sync
     global_batch = batch_size * replicas
-    steps_per_epoch = train_split.num_examples // global_batch
-    train_data = data_lib.training_pipeline(train_split, image_size, global_batch, augment,
+    steps_per_epoch = training_set.num_examples // global_batch
+    train_data = data_lib.training_pipeline(training_set, image_size, global_batch, augment,
                                             seed=seed, cache=cache,
                                             deterministic=deterministic, channels=channels)
     static = _is_multi_worker(strategy) or isinstance(strategy, tf.distribute.TPUStrategy)
@@ -609,7 +620,7 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
         channels=channels)
 
     output = os.fspath(output)
-    start = (_check_output(output, settings, resume, epochs, train_split.class_names)
+    start = (_check_output(output, settings, resume, epochs, training_set.class_names)
              if chief else _Start())
     # Other workers write what the chief writes into a folder thrown away at the end.
     work = output if chief else tempfile.mkdtemp(prefix="keras_twins_worker_")
@@ -645,7 +656,7 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
             # The data and the model are usable: only now does the output
             # folder become this run's (a bad CONFIG.json or checkpoint left
             # a folder holding run.json).
-            _record_run(output, settings, train_split.class_names)
+            _record_run(output, settings, training_set.class_names)
         run_callbacks = [
             keras.callbacks.BackupAndRestore(backup_dir, save_freq=backup_freq,
                                              double_checkpoint=True),
@@ -674,8 +685,8 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
     save_model(final, os.path.join(work, "model.keras"))
     if not chief:
         shutil.rmtree(work, ignore_errors=True)
-    return TrainingResult(classifier, fitted.history, output, train_split.class_names,
-                          train_split.skipped)
+    return TrainingResult(classifier, fitted.history, output, training_set.class_names,
+                          training_set.skipped)
 
 
 def evaluate(data, model_file, split="auto", batch_size=64, data_dir=None,

@@ -310,6 +310,54 @@ def test_a_tfds_dataset_is_prepared_for_real(tmp_path):
         data_lib.evaluation_split("tfds:keras_twins_test_holdout", str(tmp_path))
 
 
+def test_tfds_slices_split_a_dataset_that_has_only_train(tmp_path):
+    """tensorflow-datasets' slices ('train[:90%]') were refused as unknown
+    splits, and train() always trained on all of train: a dataset with only
+    train (tf_flowers) could not hold out a validation part."""
+    import tensorflow_datasets as tfds
+
+    class KerasTwinsTestSlices(tfds.core.GeneratorBasedBuilder):
+        __module__ = "keras_twins.test_slices"  # tfds looks for checksums beside it
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return self.dataset_info_from_configs(
+                features=tfds.features.FeaturesDict({
+                    "image": tfds.features.Image(shape=(None, None, 3)),
+                    "label": tfds.features.ClassLabel(names=["dark", "light"])}),
+                supervised_keys=("image", "label"))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i in range(10):
+                yield i, {"image": np.full((32, 32, 3), 40 + 160 * (i % 2), np.uint8),
+                          "label": i % 2}
+
+    source, data_dir = "tfds:keras_twins_test_slices", str(tmp_path / "tfds")
+    for split, count in [("train[:80%]", 8), ("train[8:]", 2), ("train[:2]+train[-1:]", 3)]:
+        loaded = data_lib.load_split(source, split, data_dir)
+        assert loaded.num_examples == count and sum(1 for _ in loaded.dataset) == count
+    for split, message in [("test", "tfds:keras_twins_test_slices has no split 'test' "
+                                    "(found: train)"),
+                           ("test[:5]", "Unknown split 'test'"),
+                           ("train[:200%]", "Error parsing split 'train[:200%]'"),
+                           ("train[:0%]", "the split 'train[:0%]' holds no examples")]:
+        with pytest.raises(data_lib.DataError, match=re.escape(message)):
+            data_lib.load_split(source, split, data_dir)
+    result = training.train(source, TINY_LIST, output=str(tmp_path / "run"), image_size=32,
+                            epochs=1, batch_size=4, augment="none", data_dir=data_dir,
+                            train_split="train[:80%]", validation_split="train[80%:]")
+    # 8 training images in batches of 4: 2 steps; the validation part scored.
+    assert result.history["val_loss"] and len(result.history["loss"]) == 1
+    with open(tmp_path / "run" / "run.json") as f:
+        assert json.load(f)["train_split"] == "train[:80%]"
+    evaluated = training.evaluate(source, tmp_path / "run" / "model.keras", split="train[80%:]",
+                                  data_dir=data_dir, verbose=0)
+    assert evaluated["split"] == "train[80%:]" and evaluated["examples"] == 2
+
+
 @pytest.mark.parametrize("dtype, stored, expected", [
     ("uint16", 50000, 50000 >> 8), ("float32", 0.75, int(0.75 * 255.5))])
 def test_a_tfds_dataset_of_16_bit_or_float_images_keeps_its_brightness(dtype, stored, expected,
@@ -618,6 +666,8 @@ def test_training_pipeline_is_channels_last_when_keras_defaults_to_channels_firs
     (dict(warmup_epochs=-1), "Received: warmup_epochs=-1"),
     (dict(label_smoothing=1.5), "label_smoothing must be a number in [0, 1)"),
     (dict(clipnorm=float("nan")), "Received: clipnorm=nan"),
+    (dict(train_split=""), "Received: train_split='', validation_split='auto'"),
+    (dict(validation_split=["val"]), "validation_split=['val']"),
     (dict(jit_compile="xla"), "jit_compile must be True, False or 'auto'. "
                               "Received: jit_compile='xla'"),
 ])
