@@ -480,8 +480,7 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
           clipnorm=5.0, strategy="auto", tpu=None, jit_compile="auto", mixed_precision=None,
           backup_dir=None, backup_freq="epoch", resume=False, seed=0, cache=False,
           deterministic=False, train_split="train", validation_split="auto", data_dir=None,
-          manual_dir=None,
-          verbose="auto", callbacks=(), channels=3):
+          manual_dir=None, verbose="auto", callbacks=(), channels=3):
     """Trains a Twins classifier with `model.fit` and writes a run folder.
 
     Args:
