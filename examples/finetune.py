@@ -2,9 +2,12 @@
 
     python examples/finetune.py DATA --output runs/flowers [--model twins_svt_small]
         [--weights imagenet|PATH] [--epochs 30] [--image-size 224]
+        [--train-split train] [--validation-split auto]
 
-DATA is `tfds:NAME` (e.g. `tfds:tf_flowers`) or an image folder
-`DATA/train/LABEL/*.jpg` with `DATA/validation/LABEL/*.jpg` beside it. The
+DATA is `tfds:NAME` or an image folder `DATA/train/LABEL/*.jpg` with
+`DATA/validation/LABEL/*.jpg` beside it. A tensorflow-datasets dataset with
+only a train split (`tfds:tf_flowers`) can hold out a tenth of it:
+`--train-split 'train[:90%]' --validation-split 'train[90%:]'`. The
 backbone starts from the ImageNet weights (or a timm / official checkpoint);
 the head is new, sized to DATA's classes. Fine-tuning settings: light
 augmentation, a lower peak learning rate, one warm-up epoch, drop path 0.1.
@@ -36,13 +39,18 @@ def main():
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--train-split", default="train")
+    parser.add_argument("--validation-split", default="auto", help="a split, auto or none")
     args = parser.parse_args()
 
     try:
         result = train(args.data, args.model, output=args.output, weights=args.weights,
                        image_size=args.image_size, epochs=args.epochs,
                        batch_size=args.batch_size, augment="light", learning_rate=1e-4,
-                       warmup_epochs=1, drop_path_rate=0.1, weight_decay=0.05)
+                       warmup_epochs=1, drop_path_rate=0.1, weight_decay=0.05,
+                       train_split=args.train_split,
+                       validation_split=None if args.validation_split == "none"
+                       else args.validation_split)
     except (ValueError, OSError) as error:  # keras_twins' errors name the problem
         sys.exit(f"error: {' '.join(str(error).split())}")
     print(f"classes: {', '.join(result.class_names)}")
