@@ -5,9 +5,9 @@
         [--train-split train] [--validation-split auto]
 
 DATA is `tfds:NAME` or an image folder `DATA/train/LABEL/*.jpg` with
-`DATA/validation/LABEL/*.jpg` beside it. A tensorflow-datasets dataset with
-only a train split (`tfds:tf_flowers`) can hold out a tenth of it:
-`--train-split 'train[:90%]' --validation-split 'train[90%:]'`. The
+`DATA/validation/LABEL/*.jpg` beside it. Data with only a train split
+(`tfds:tf_flowers`, or a folder with only `DATA/train`) can hold out a tenth
+of it: `--train-split 'train[:90%]' --validation-split 'train[90%:]'`. The
 backbone starts from the ImageNet weights (or a timm / official checkpoint);
 the head is new, sized to DATA's classes. Fine-tuning settings: light
 augmentation, a lower peak learning rate, one warm-up epoch, drop path 0.1.

@@ -123,10 +123,10 @@ def main(argv=None):
     train.add_argument("--resume", action="store_true",
                        help="continue the run already in --output")
     train.add_argument("--train-split", default="train",
-                       help="split name (default train); tfds:NAME takes slices: 'train[:90%%]'")
+                       help="split name (default train), or a slice: 'train[:90%%]'")
     train.add_argument("--validation-split", default="auto",
-                       help="split name, 'auto' (validation, val or test) or 'none'; "
-                            "tfds:NAME takes slices: 'train[90%%:]'")
+                       help="split name or slice ('train[90%%:]'), 'auto' (validation, "
+                            "val or test) or 'none'")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--cache", action="store_true", help="keep decoded images in memory")
     train.add_argument("--deterministic", action="store_true")
@@ -137,8 +137,8 @@ def main(argv=None):
     evaluate.add_argument("--data", required=True, help="tfds:NAME or an image folder")
     evaluate.add_argument("--model-file", required=True, help="a model.keras file")
     evaluate.add_argument("--split", default="auto",
-                          help="split name, or 'auto' (validation, val or test, else train); "
-                               "tfds:NAME takes slices: 'train[90%%:]'")
+                          help="split name or slice ('train[90%%:]'), or 'auto' (validation, "
+                               "val or test, else train)")
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--data-dir", help="tensorflow-datasets data folder")
     evaluate.add_argument("--json", action="store_true", help="print JSON")

@@ -9,6 +9,9 @@ labels:
   (or jpeg, bmp, gif, tif, tiff), a class's sub-folders included.
   Unreadable files are found before training, skipped and counted.
 
+Either takes a slice of a split, `"train[:90%]"`, as tensorflow-datasets
+writes it (a folder: percent slices, of each class apart).
+
 `training_pipeline` adds the paper's augmentation (DeiT's): random-resized
 crop, flip, RandAugment, random erasing, then MixUp or CutMix per batch;
 `evaluation_pipeline` resizes the shorter side to `size / 0.9` and takes the
@@ -16,6 +19,7 @@ center crop, as the references evaluate.
 """
 
 import dataclasses
+import hashlib
 import math
 import os
 import re
@@ -154,9 +158,10 @@ def _folder_split(root, split):
     if not os.path.isdir(root):
         raise DataError(f"{root}: no such folder (expected ROOT/SPLIT/LABEL/*.jpg|png|webp "
                         "or tfds:NAME)")
-    folder = os.path.join(root, split)
+    name, start, end = _percent_slice(split)
+    folder = os.path.join(root, name)
     if not os.path.isdir(folder):
-        raise _no_split(root, (split,))
+        raise _no_split(root, (name,))
     class_names = _subfolders(folder)
     for name in class_names:
         if not name.isprintable():  # undecodable bytes (surrogates) or control characters
@@ -165,6 +170,8 @@ def _folder_split(root, split):
     paths, labels = [], []
     for label, name in enumerate(class_names):
         found = _image_files(os.path.join(folder, name))
+        if (start, end) != (0, 100):
+            found = _slice_of_class(found, folder, start, end)
         paths += found
         labels += [label] * len(found)
     if not paths:
@@ -182,6 +189,37 @@ def _folder_split(root, split):
     dataset = tf.data.Dataset.from_tensor_slices((paths, labels)).map(
         _decode_file, num_parallel_calls=tf.data.AUTOTUNE)
     return Split(dataset, class_names, len(kept), skipped, paths, labels)
+
+
+# 'train[:90%]', 'train[90%:]', 'train[10%:20%]': percent slices, written as tfds writes them.
+_PERCENT_SLICE = re.compile(r"(?P<name>[^\[\]]+)\[(?:(?P<start>\d+)%)?:(?:(?P<end>\d+)%)?\]")
+
+
+def _percent_slice(split):
+    """`(name, start, end)` of a folder's split: `'train'` or a percent slice of it."""
+    if "[" not in split:
+        return split, 0, 100
+    match = _PERCENT_SLICE.fullmatch(split)
+    start = int(match["start"] or 0) if match else 0
+    end = int(match["end"] or 100) if match else 100
+    if not match or not start < end <= 100:
+        raise DataError(f"{split!r}: an image folder's splits take percent slices, as "
+                        "'train[:90%]' and 'train[90%:]' (from 0% to 100%, start before end)")
+    return match["name"], start, end
+
+
+def _slice_of_class(files, folder, start, end):
+    """The part `[start%, end%)` of one class's files.
+
+    Each class is sliced on its own, so every class is in both parts of
+    `train[:90%]` and `train[90%:]` (given ten or more images). The order is
+    fixed by a hash of each file's path within the split, the same on every
+    run and machine, so the two parts never share a file.
+    """
+    ordered = sorted(files, key=lambda path: hashlib.sha256(
+        os.fsencode(os.path.relpath(path, folder))).digest())
+    bounds = [(len(files) * percent + 50) // 100 for percent in (start, end)]
+    return sorted(ordered[bounds[0]:bounds[1]])
 
 
 def _no_split(root, wanted):

@@ -519,9 +519,10 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
         seed: seeds initialization, shuffling and augmentation.
         cache: keep decoded images in memory after the first epoch.
         deterministic: reproducible input order (slower).
-        train_split: the split to train on. With tensorflow-datasets it may
-            be a slice: `"train[:90%]"` trains on 90% of train, and
-            `validation_split="train[90%:]"` validates on the rest.
+        train_split: the split to train on, or a slice of it, as
+            tensorflow-datasets writes them: `"train[:90%]"` trains on 90%
+            of train and `validation_split="train[90%:]"` validates on the
+            rest (a folder's slices are of each class, in a fixed order).
         validation_split: a split name (or slice), `"auto"` (validation, val
             or test, whichever exists) or `None`.
         data_dir, manual_dir: tensorflow-datasets' folders.

@@ -1,6 +1,7 @@
 """The input pipelines of keras_twins.data: image folders, decoding, batches."""
 
 import os
+import re
 import shutil
 
 import numpy as np
@@ -160,3 +161,31 @@ def test_tiff_images_are_read_as_pillow_reads_them_and_damaged_ones_skipped(tmp_
     batches = data_lib.training_pipeline(split, (32, 32), 2, augment="light")
     images, labels = next(iter(batches))
     assert images.shape == (2, 32, 32, 3) and labels.shape == (2, 2)
+
+
+def test_percent_slices_of_a_folder_split_each_class_apart(tmp_path):
+    """A folder with only train could not hold out a validation part, as
+    Keras' validation_split and tensorflow-datasets' 'train[90%:]' do."""
+    data = image_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=10,
+                        splits=("train",))
+    for i in range(10, 25):  # b: 25 images
+        shutil.copy(data / "train" / "b" / "0.png", data / "train" / "b" / f"{i}.png")
+    whole, first, rest = (data_lib.load_split(data, split)
+                          for split in ("train", "train[:90%]", "train[90%:]"))
+    listed = [set(split.paths.numpy()) for split in (whole, first, rest)]
+    assert listed[1] | listed[2] == listed[0] and not listed[1] & listed[2]
+    # Each class apart: 9 + 1, 23 + 2 (22.5 rounded up), 9 + 1.
+    assert list(np.bincount(first.labels.numpy())) == [9, 23, 9]
+    assert list(np.bincount(rest.labels.numpy())) == [1, 2, 1]
+    assert first.num_examples == 41 and rest.num_examples == 4
+    assert data_lib.load_split(data, "train[10%:20%]").num_examples == 4  # 1 + 2 + 1
+    # Not each class's last files by name (which would hold out, say, the
+    # newest photos of a camera's numbering): an order of their own.
+    by_name = {c: sorted(path for path in listed[0] if f"/{c}/".encode() in path) for c in "abc"}
+    assert listed[2] != set(by_name["a"][-1:] + by_name["b"][-2:] + by_name["c"][-1:])
+    for bad in ("train[90:]", "train[:120%]", "train[50%:50%]", "train[x%:]"):
+        with pytest.raises(data_lib.DataError, match=re.escape(
+                f"{bad!r}: an image folder's splits take percent slices")):
+            data_lib.load_split(data, bad)
+    with pytest.raises(data_lib.DataError, match=r"no 'validation' split \(found: train\)"):
+        data_lib.load_split(data, "validation[:50%]")
