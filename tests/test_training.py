@@ -1,6 +1,7 @@
 """Training: model.fit on tf.data, the recipe, tf.distribute, resumable runs."""
 
 import csv
+import functools
 import json
 import os
 import pathlib
@@ -265,11 +266,9 @@ def test_tfds_source_and_mixed_precision_train_with_finite_losses(precision, jit
     assert {layer.dtype_policy.name for layer in saved.layers} == {"float32"}
 
 
-def test_a_tfds_dataset_is_prepared_for_real(tmp_path):
-    """Preparing any tensorflow-datasets dataset needed importlib_resources,
-    which tensorflow-datasets does not install: `tfds:NAME` failed with
-    ModuleNotFoundError for every dataset not prepared before. The mocked
-    builders of the other tests skip that step."""
+@functools.cache
+def tfds_shapes():
+    """A tensorflow-datasets builder of ten images in two classes, registered once."""
     import tensorflow_datasets as tfds
 
     class KerasTwinsTestShapes(tfds.core.GeneratorBasedBuilder):
@@ -289,19 +288,28 @@ def test_a_tfds_dataset_is_prepared_for_real(tmp_path):
             return {"train": self._generate_examples()}
 
         def _generate_examples(self):
-            for i in range(6):
-                image = np.full((20 + i, 24, 3), 40 + 160 * (i % 2), np.uint8)
+            for i in range(10):
+                image = np.full((28 + i, 32, 3), 40 + 160 * (i % 2), np.uint8)
                 yield i, {"image": image, "label": i % 2}
 
+    return KerasTwinsTestShapes
+
+
+def test_a_tfds_dataset_is_prepared_for_real(tmp_path):
+    """Preparing any tensorflow-datasets dataset needed importlib_resources,
+    which tensorflow-datasets does not install: `tfds:NAME` failed with
+    ModuleNotFoundError for every dataset not prepared before. The mocked
+    builders of the other tests skip that step."""
+    shapes = tfds_shapes()
     split = data_lib.load_split("tfds:keras_twins_test_shapes", "train", str(tmp_path))
-    assert split.class_names == ["dark", "light"] and split.num_examples == 6
+    assert split.class_names == ["dark", "light"] and split.num_examples == 10
     labels = sorted(int(label) for _, label in split.dataset.as_numpy_iterator())
-    assert labels == [0, 0, 0, 1, 1, 1]
+    assert labels == [0] * 5 + [1] * 5
     # `evaluate`'s "auto" takes train when there is nothing else, and names
     # the splits it looked for when there is not even that.
     assert data_lib.evaluation_split("tfds:keras_twins_test_shapes", str(tmp_path)) == "train"
 
-    class KerasTwinsTestHoldout(KerasTwinsTestShapes):
+    class KerasTwinsTestHoldout(shapes):
         def _split_generators(self, dl_manager):
             return {"holdout": self._generate_examples()}
 
@@ -314,32 +322,12 @@ def test_tfds_slices_split_a_dataset_that_has_only_train(tmp_path):
     """tensorflow-datasets' slices ('train[:90%]') were refused as unknown
     splits, and train() always trained on all of train: a dataset with only
     train (tf_flowers) could not hold out a validation part."""
-    import tensorflow_datasets as tfds
-
-    class KerasTwinsTestSlices(tfds.core.GeneratorBasedBuilder):
-        __module__ = "keras_twins.test_slices"  # tfds looks for checksums beside it
-        VERSION = tfds.core.Version("1.0.0")
-
-        def _info(self):
-            return self.dataset_info_from_configs(
-                features=tfds.features.FeaturesDict({
-                    "image": tfds.features.Image(shape=(None, None, 3)),
-                    "label": tfds.features.ClassLabel(names=["dark", "light"])}),
-                supervised_keys=("image", "label"))
-
-        def _split_generators(self, dl_manager):
-            return {"train": self._generate_examples()}
-
-        def _generate_examples(self):
-            for i in range(10):
-                yield i, {"image": np.full((32, 32, 3), 40 + 160 * (i % 2), np.uint8),
-                          "label": i % 2}
-
-    source, data_dir = "tfds:keras_twins_test_slices", str(tmp_path / "tfds")
+    tfds_shapes()
+    source, data_dir = "tfds:keras_twins_test_shapes", str(tmp_path / "tfds")
     for split, count in [("train[:80%]", 8), ("train[8:]", 2), ("train[:2]+train[-1:]", 3)]:
         loaded = data_lib.load_split(source, split, data_dir)
         assert loaded.num_examples == count and sum(1 for _ in loaded.dataset) == count
-    for split, message in [("test", "tfds:keras_twins_test_slices has no split 'test' "
+    for split, message in [("test", "tfds:keras_twins_test_shapes has no split 'test' "
                                     "(found: train)"),
                            ("test[:5]", "Unknown split 'test'"),
                            ("train[:200%]", "Error parsing split 'train[:200%]'"),
