@@ -137,8 +137,9 @@ def main(argv=None):
     evaluate.add_argument("--data", required=True, help="tfds:NAME or an image folder")
     evaluate.add_argument("--model-file", required=True, help="a model.keras file")
     evaluate.add_argument("--split", default="auto",
-                          help="split name or slice ('train[90%%:]'), or 'auto' (validation, "
-                               "val or test, else train)")
+                          help="split name or slice ('train[90%%:]'), or 'auto': the split "
+                               "the model's run validated on, else validation, val or test, "
+                               "else train")
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--data-dir", help="tensorflow-datasets data folder")
     evaluate.add_argument("--json", action="store_true", help="print JSON")

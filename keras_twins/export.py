@@ -641,10 +641,8 @@ def run_labels(model_file, classes):
     A run's `labels.txt` that does not name the outputs (missing, not
     text, another count, an empty line) gets a `LabelsWarning`.
     """
-    folder = os.path.dirname(os.path.abspath(model_file))
-    if os.path.basename(folder) == "checkpoints":
-        folder = os.path.dirname(folder)
-    if not os.path.isfile(os.path.join(folder, "run.json")):
+    folder = run_folder(model_file)
+    if folder is None:
         return None
     path = os.path.join(folder, "labels.txt")
     names = read_labels(path)
@@ -659,6 +657,15 @@ def run_labels(model_file, classes):
     warnings.warn(f"{path} does not name the model's {classes} classes ({problem}); "
                   "it is not used", LabelsWarning, stacklevel=3)
     return None
+
+
+def run_folder(model_file):
+    """The training run folder that `model_file` belongs to, or None: its
+    `model.keras`, or a checkpoint in its `checkpoints/`, beside `run.json`."""
+    folder = os.path.dirname(os.path.abspath(model_file))
+    if os.path.basename(folder) == "checkpoints":
+        folder = os.path.dirname(folder)
+    return folder if os.path.isfile(os.path.join(folder, "run.json")) else None
 
 
 def read_labels(path):

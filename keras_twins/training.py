@@ -36,6 +36,7 @@ from keras_twins import data as data_lib
 from keras_twins import variants
 from keras_twins.checks import is_whole
 from keras_twins.export import read_labels
+from keras_twins.export import run_folder
 from keras_twins.export import run_labels
 from keras_twins.files import non_utf8_problem
 from keras_twins.files import other_entries
@@ -599,6 +600,7 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
     if validation_split:
         validation = data_lib.load_split(data, validation_split, data_dir, manual_dir)
         data_lib.check_same_classes(training_set, validation, validation_split)
+    settings["validation_split"] = validation_split  # what `evaluate`'s "auto" scores
     classes = len(training_set.class_names)
     if classes < 2:
         raise TrainingError(f"{data}: the {train_split} split has {classes} class; "
@@ -694,7 +696,9 @@ def evaluate(data, model_file, split="auto", batch_size=64, data_dir=None,
     """Loss, top-1 and top-5 accuracy of a saved classifier on a split.
 
     The split is resized and center-cropped to the model's input size.
-    `"auto"` takes the first of validation, val and test, else train. The
+    `"auto"` takes the split that the model's run validated on, where
+    `model_file` is a run's and `data` its data (a slice, `"train[90%:]"`,
+    say); else the first of validation, val and test, else train. The
     results name the split (`"split"`), its example count (`"examples"`)
     and the files skipped as unreadable (`"skipped"`).
     """
@@ -707,9 +711,18 @@ def evaluate(data, model_file, split="auto", batch_size=64, data_dir=None,
     if not os.path.isfile(model_file):
         raise TrainingError(f"{model_file}: no such model file")
     model = load_keras_model(model_file)
+    evaluation = None
     if split == "auto":
-        split = data_lib.evaluation_split(data, data_dir, manual_dir)
-    evaluation = data_lib.load_split(data, split, data_dir, manual_dir)
+        split = _run_validation_split(model_file, data)
+        if split is not None:
+            try:
+                evaluation = data_lib.load_split(data, split, data_dir, manual_dir)
+            except data_lib.DataError:  # other data of the same name (a relative path)
+                split = None
+        if split is None:
+            split = data_lib.evaluation_split(data, data_dir, manual_dir)
+    if evaluation is None:
+        evaluation = data_lib.load_split(data, split, data_dir, manual_dir)
     height, width = model.input_shape[1:3]
     if height is None or width is None:
         height = width = variants.DEFAULT_IMAGE_SIZE
@@ -744,6 +757,26 @@ def evaluate(data, model_file, split="auto", batch_size=64, data_dir=None,
     results["examples"] = evaluation.num_examples
     results["skipped"] = evaluation.skipped
     return results
+
+
+def _run_validation_split(model_file, data):
+    """The split that the run of `model_file` validated on, if it trained on
+    `data`; else None (not a run's model, no validation, other data)."""
+    folder = run_folder(model_file)
+    if folder is None:
+        return None
+    try:
+        with open(os.path.join(folder, "run.json"), encoding="utf-8") as f:
+            run = json.load(f)
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+        return None
+    if not isinstance(run, dict) or not isinstance(run.get("validation_split"), str):
+        return None
+    trained_on, data = run.get("data"), os.fspath(data)
+    same = trained_on == data or (
+        isinstance(trained_on, str) and not data.startswith(data_lib.TFDS_PREFIX)
+        and os.path.realpath(trained_on) == os.path.realpath(data))
+    return run["validation_split"] if same else None
 
 
 def save_model(model, path):

@@ -32,6 +32,22 @@ def test_evaluate_names_the_split_it_scored(tmp_path, capfd):
     assert code == 0 and out.startswith("6 examples of the validation split: loss "), out
     results = training.evaluate(both, tmp_path / "model.keras", split="train", verbose=0)
     assert results["split"] == "train" and results["examples"] == 6
+    # A run's model: "auto" is the split its run validated on, on the data it
+    # trained on (named as then, or by another path), and not on other data.
+    run = tmp_path / "run"
+    run.mkdir()
+    model.save(run / "model.keras")
+    (run / "run.json").write_text(json.dumps({"data": str(only_train),
+                                              "validation_split": "train[50%:]"}))
+    (run / "labels.txt").write_text("circle\nsquare\n")
+    for data, split, count in [(only_train, "train[50%:]", 2),
+                               (str(only_train) + "/../only_train", "train[50%:]", 2),
+                               (both, "validation", 6)]:
+        results = training.evaluate(data, run / "model.keras", verbose=0)
+        assert (results["split"], results["examples"]) == (split, count), data
+    # The same name for other data (a relative path run elsewhere) without that split.
+    (run / "run.json").write_text(json.dumps({"data": str(both), "validation_split": "holdout"}))
+    assert training.evaluate(both, run / "model.keras", verbose=0)["split"] == "validation"
     # No split to fall back on: the error names every split "auto" looks for.
     loose = tmp_path / "loose"
     image_folder(loose, per_class=1, splits=("train",))

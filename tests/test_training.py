@@ -340,9 +340,11 @@ def test_tfds_slices_split_a_dataset_that_has_only_train(tmp_path):
     # 8 training images in batches of 4: 2 steps; the validation part scored.
     assert result.history["val_loss"] and len(result.history["loss"]) == 1
     with open(tmp_path / "run" / "run.json") as f:
-        assert json.load(f)["train_split"] == "train[:80%]"
-    evaluated = training.evaluate(source, tmp_path / "run" / "model.keras", split="train[80%:]",
-                                  data_dir=data_dir, verbose=0)
+        run = json.load(f)
+    assert run["train_split"] == "train[:80%]" and run["validation_split"] == "train[80%:]"
+    # "auto" scores the part the run validated on, not all of train.
+    evaluated = training.evaluate(source, tmp_path / "run" / "model.keras", data_dir=data_dir,
+                                  verbose=0)
     assert evaluated["split"] == "train[80%:]" and evaluated["examples"] == 2
 
 
