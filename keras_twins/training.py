@@ -8,7 +8,8 @@ small / base / large models, 300 epochs.
 
 A run writes into its output folder:
 
-    run.json            the settings, so that the same command can resume
+    run.json            the settings, so that the same command can resume,
+                        and the split it validates on (`evaluate`'s "auto")
     labels.txt          the class names, one per line, in label order
     history.csv         one row per epoch: loss, accuracy, top-5, validation
     training.png        loss and accuracy curves, train and validation
