@@ -158,10 +158,10 @@ def _folder_split(root, split):
     if not os.path.isdir(root):
         raise DataError(f"{root}: no such folder (expected ROOT/SPLIT/LABEL/*.jpg|png|webp "
                         "or tfds:NAME)")
-    name, start, end = _percent_slice(split)
-    folder = os.path.join(root, name)
+    split, start, end = _percent_slice(split)
+    folder = os.path.join(root, split)
     if not os.path.isdir(folder):
-        raise _no_split(root, (name,))
+        raise _no_split(root, (split,))
     class_names = _subfolders(folder)
     for name in class_names:
         if not name.isprintable():  # undecodable bytes (surrogates) or control characters
