@@ -27,6 +27,7 @@ import warnings
 import numpy as np
 
 from weights_convert.console import ArgumentParser
+from weights_convert.console import printable
 from weights_convert.console import quiet_library_chatter
 
 
@@ -163,23 +164,11 @@ def main(argv=None):
                 output = _info()
     except CommandError as error:
         if error.output:
-            print(_printable(error.output, sys.stdout))
-        print(_printable(f"error: {error}", sys.stderr), file=sys.stderr)
+            print(printable(error.output, sys.stdout))
+        print(printable(f"error: {error}", sys.stderr), file=sys.stderr)
         return 1
-    print(_printable(output, sys.stdout))
+    print(printable(output, sys.stdout))
     return 0
-
-
-def _printable(text, stream):
-    """`text` as `stream` can write it: a file name's bytes that are not UTF-8 as \\xNN."""
-    from keras_twins.files import printable
-
-    try:  # a name's undecodable bytes are surrogates in Python's str
-        text = printable(text)
-    except UnicodeEncodeError:
-        pass  # other lone surrogates: escaped below
-    encoding = getattr(stream, "encoding", None) or "utf-8"
-    return text.encode(encoding, "backslashreplace").decode(encoding)
 
 
 def _predict(args):
@@ -536,7 +525,7 @@ def _warnings_shown(*categories):
         finally:
             for warning in caught:
                 if issubclass(warning.category, categories):
-                    print(_printable(f"warning: {warning.message}", sys.stderr), file=sys.stderr)
+                    print(printable(f"warning: {warning.message}", sys.stderr), file=sys.stderr)
 
 
 @contextlib.contextmanager

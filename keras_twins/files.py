@@ -5,6 +5,8 @@ import os
 import shutil
 import tempfile
 
+from weights_convert.console import printable
+
 # The prefix of `replacing`'s staging folder, left behind only by a killed process.
 STAGING_PREFIX = ".partial-"
 
@@ -46,16 +48,12 @@ def write_text(path, text):
             f.write(text)
 
 
-def printable(path):
-    """`path` as text that any terminal prints: bytes that are not UTF-8 as \\xNN."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
 def non_utf8_problem(path):
     """Why TensorFlow cannot write to `path`, or None: its file functions (the
     SavedModel writer, summaries, checkpoints) take UTF-8 paths only."""
+    path = os.fsdecode(path)
     try:
-        os.fsdecode(path).encode("utf-8")
+        path.encode("utf-8")
     except UnicodeEncodeError:
         return (f"{printable(path)}: TensorFlow writes only to UTF-8 paths, and this one "
                 "is not UTF-8: choose another name")

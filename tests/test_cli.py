@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -15,9 +16,9 @@ from keras_twins.imagenet import imagenet_classes
 NAMES = {name for _, name in imagenet_classes()}
 
 
-def keras_twins_cli(*args):
+def keras_twins_cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "keras_twins", *map(str, args)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=env)
 
 
 def keras_twins_in_process(capfd, *args):
@@ -167,9 +168,15 @@ def test_info_lists_variants_and_cache(tmp_path):
 
 def test_convert_subcommand(checkpoint, photos, tmp_path, capfd):
     output = tmp_path / "svt.weights.h5"
-    result = keras_twins_cli("convert", checkpoint, "--output", output)
+    # A checkpoint named in Latin-1, printed to a UTF-8 terminal (whose stdout
+    # is strict): the line after the conversion raised UnicodeEncodeError.
+    latin1 = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9" +
+                                      os.fsencode(pathlib.Path(checkpoint).suffix)))
+    shutil.copy(checkpoint, latin1)
+    result = keras_twins_cli("convert", latin1, "--output", output,
+                             env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
     assert result.returncode == 0, result.stderr
-    assert output.exists()
+    assert output.exists() and "caf\\xe9" in result.stdout, result.stdout
     assert_clean_failure(keras_twins_in_process(capfd, "convert", tmp_path / "none.pth",
                                                 "--output", output), "none.pth")
     # Keras' own error for a weights file of another architecture lists every
@@ -321,3 +328,16 @@ def test_a_native_crash_while_the_command_silences_stderr_is_reported(log_level)
     assert 'File "<string>", line 7' in result.stderr, result.stderr
     # All of TensorFlow's messages asked for: the native one shows too.
     assert ("native: Check failed" in result.stderr) == (log_level == "0"), result.stderr
+
+
+def test_output_is_printable_on_any_terminal():
+    """A file name's bytes that are not UTF-8, and characters a terminal's
+    encoding lacks, are escaped: printing them raised after the work was done."""
+    import io
+
+    from weights_convert.console import printable
+
+    ascii_terminal = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    assert printable("caf\udce9 日本", ascii_terminal) == "caf\\xe9 \\u65e5\\u672c"
+    assert printable("caf\udce9 日本") == "caf\\xe9 日本"
+    assert printable("lone \ud800") == "lone \\ud800"

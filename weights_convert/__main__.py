@@ -3,6 +3,7 @@
 import sys
 
 from weights_convert.console import ArgumentParser
+from weights_convert.console import printable
 
 
 def main(argv=None, prog="python -m weights_convert"):
@@ -27,11 +28,11 @@ def main(argv=None, prog="python -m weights_convert"):
 
             model = convert(args.source, args.output, variant=args.variant)
     except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(printable(f"error: {error}", sys.stderr), file=sys.stderr)
         return 1
     names = [layer.name for layer in model.layers]
     head = model.get_layer("head").units if "head" in names else None
-    print(
+    print(printable(
         f"{args.source} -> {args.output}: {model.name}, "
         f"{model.count_params():,} parameters, "
         + (f"{head} classes" if head else "no head")
@@ -39,8 +40,7 @@ def main(argv=None, prog="python -m weights_convert"):
         + (", pyramid norms (load with pyramid_norm=True)" if "pyramid_norm_0" in names else "")
         # a model trained on other than RGB images (timm's in_chans)
         + (f", {channels}-channel images (load with input_shape=(H, W, {channels}))"
-           if (channels := model.input_shape[-1]) != 3 else "")
-    )
+           if (channels := model.input_shape[-1]) != 3 else ""), sys.stdout))
     return 0
 
 

@@ -19,6 +19,20 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
+def printable(text, stream=None):
+    """`text` as `stream` (default: a UTF-8 one) writes it without an error:
+    a file name's bytes that are not UTF-8 as \\xNN, other characters the
+    stream's encoding lacks as \\uNNNN. A UTF-8 terminal's stdout refuses
+    them (its errors are strict) and raised after the command's work was done.
+    """
+    try:  # a name's undecodable bytes are surrogates in Python's str
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        pass  # other lone surrogates: escaped below
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    return text.encode(encoding, "backslashreplace").decode(encoding)
+
+
 @contextlib.contextmanager
 def native_stderr_silenced():
     """File descriptor 2 goes to the null device meanwhile.
