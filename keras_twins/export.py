@@ -260,8 +260,7 @@ def tflite_report(path):
 
     from tensorflow.lite.tools import flatbuffer_utils
 
-    content = _read_bytes(path)
-    model = flatbuffer_utils.read_model_from_bytearray(bytearray(content))
+    content, model = _read_tflite(path)
     graph = model.subgraphs[0]
     ops, float_ops, shape_arithmetic = set(), set(), set()
     for operator in graph.operators:
@@ -717,14 +716,16 @@ def _packaged(content, entries):
 
 def read_tflite_metadata(path):
     """The metadata entries of a TFLite file, `{name: bytes}`."""
-    from tensorflow.lite.tools import flatbuffer_utils
-
-    model = flatbuffer_utils.read_model_from_bytearray(bytearray(_read_bytes(path)))
+    _, model = _read_tflite(path)
     return {m.name.decode(): bytes(model.buffers[m.buffer].data)
             for m in model.metadata if model.buffers[m.buffer].data is not None}
 
 
-def _read_bytes(path):
-    """The file's content, read by Python: TensorFlow's readers take UTF-8 paths only."""
+def _read_tflite(path):
+    """The file's bytes and its flatbuffer object, read by Python: TensorFlow's
+    readers take UTF-8 paths only."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
     with open(path, "rb") as f:
-        return f.read()
+        content = f.read()
+    return content, flatbuffer_utils.read_model_from_bytearray(bytearray(content))

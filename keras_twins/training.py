@@ -712,17 +712,9 @@ def evaluate(data, model_file, split="auto", batch_size=64, data_dir=None,
     if not os.path.isfile(model_file):
         raise TrainingError(f"{model_file}: no such model file")
     model = load_keras_model(model_file)
-    evaluation = None
     if split == "auto":
-        split = _run_validation_split(model_file, data)
-        if split is not None:
-            try:
-                evaluation = data_lib.load_split(data, split, data_dir, manual_dir)
-            except data_lib.DataError:  # other data of the same name (a relative path)
-                split = None
-        if split is None:
-            split = data_lib.evaluation_split(data, data_dir, manual_dir)
-    if evaluation is None:
+        split, evaluation = _automatic_split(data, model_file, data_dir, manual_dir)
+    else:
         evaluation = data_lib.load_split(data, split, data_dir, manual_dir)
     height, width = model.input_shape[1:3]
     if height is None or width is None:
@@ -760,18 +752,24 @@ def evaluate(data, model_file, split="auto", batch_size=64, data_dir=None,
     return results
 
 
+def _automatic_split(data, model_file, data_dir, manual_dir):
+    """`evaluate`'s "auto": the split name and the loaded split."""
+    split = _run_validation_split(model_file, data)
+    if split is not None:
+        try:
+            return split, data_lib.load_split(data, split, data_dir, manual_dir)
+        except data_lib.DataError:  # other data of the same name (a relative path)
+            pass
+    split = data_lib.evaluation_split(data, data_dir, manual_dir)
+    return split, data_lib.load_split(data, split, data_dir, manual_dir)
+
+
 def _run_validation_split(model_file, data):
     """The split that the run of `model_file` validated on, if it trained on
     `data`; else None (not a run's model, no validation, other data)."""
     folder = run_folder(model_file)
-    if folder is None:
-        return None
-    try:
-        with open(os.path.join(folder, "run.json"), encoding="utf-8") as f:
-            run = json.load(f)
-    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
-        return None
-    if not isinstance(run, dict) or not isinstance(run.get("validation_split"), str):
+    run = _read_run(folder) if folder is not None else None
+    if run is None or not isinstance(run.get("validation_split"), str):
         return None
     trained_on, data = run.get("data"), os.fspath(data)
     same = trained_on == data or (
@@ -856,18 +854,11 @@ class _Start:
 
 def _check_output(output, settings, resume, epochs, class_names):
     """Checks that `output` is new, this run's, or resumed; writes nothing."""
-    run_file = os.path.join(output, "run.json")
     backup = os.path.join(output, "backup")
     last = os.path.join(output, "checkpoints", "last.keras")
     start = _Start()
     if os.path.isdir(output) and os.listdir(output):
-        try:
-            with open(run_file, encoding="utf-8") as f:
-                previous = json.load(f)
-        except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
-            previous = None
-        if not isinstance(previous, dict):
-            previous = None
+        previous = _read_run(output)
         current = json.loads(json.dumps(settings))  # tuples as lists, as run.json holds them
         finished = os.path.exists(os.path.join(output, "model.keras"))
         same = previous is not None and all(
@@ -932,6 +923,16 @@ def _check_backup_dir(backup_dir, output):
             raise TrainingError(f"the backup folder {backup_dir} holds other files "
                                 f"({', '.join(others[:3])[:200]}), and it is deleted when "
                                 "training ends; choose a new or empty folder")
+
+
+def _read_run(folder):
+    """The settings in `folder`'s run.json, or None where it holds no readable ones."""
+    try:
+        with open(os.path.join(folder, "run.json"), encoding="utf-8") as f:
+            run = json.load(f)
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+        return None
+    return run if isinstance(run, dict) else None
 
 
 def _record_run(output, settings, class_names):
