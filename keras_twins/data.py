@@ -430,7 +430,9 @@ def training_pipeline(split, image_size, global_batch_size, augment="imagenet",
         seed: seeds shuffling and augmentation.
         cache: keep the decoded images in memory after the first epoch.
         deterministic: the same order and augmentation on every run with
-            the same seed (slower: no parallel reordering).
+            the same seed (slower: no parallel reordering, and Keras'
+            augmentation layers, RandAugment, random erasing, MixUp and
+            CutMix, one example or batch at a time).
         channels: 3 for RGB, 1 for grayscale (the augmented RGB image's gray).
     """
     check_channels(channels)
@@ -450,32 +452,49 @@ def training_pipeline(split, image_size, global_batch_size, augment="imagenet",
         dataset = dataset.shuffle(min(split.num_examples, 10_000), seed=seed,
                                   reshuffle_each_iteration=True)
 
+    # Keras' augmentation layers draw from a seed generator, a variable each
+    # call advances: parallel calls draw in whatever order they run, so
+    # deterministic runs them one at a time.
+    stateful_calls = None if deterministic else tf.data.AUTOTUNE
     if policy is None:
-        def transform(image, label):
-            return center_crop(image, image_size), label
+        dataset = dataset.map(
+            lambda image, label: (center_crop(image, image_size),
+                                  tf.one_hot(label, num_classes)),
+            num_parallel_calls=tf.data.AUTOTUNE)
     else:
+        # The crop and the flip are stateless, from a seed per example that
+        # changes each epoch: the same on every run, and still in parallel.
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+
+        def crop_and_flip(example, example_seed):
+            image, label = example
+            crop_seed, flip_seed = tf.unstack(
+                tf.random.experimental.stateless_split(example_seed, 2))
+            image = random_resized_crop(image, image_size, policy.crop_scale,
+                                        policy.crop_ratio, crop_seed)
+            if policy.flip:
+                image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+            # Bicubic resizing overshoots [0, 255] at edges.
+            return tf.clip_by_value(image, 0.0, 255.0), tf.one_hot(label, num_classes)
+
+        dataset = tf.data.Dataset.zip(dataset, seeds).map(
+            crop_and_flip, num_parallel_calls=tf.data.AUTOTUNE)
         rand_augment = _rand_augment(policy.rand_augment_magnitude, seed)
         erasing = keras.layers.RandomErasing(
             factor=policy.random_erasing, value_range=(0, 255), seed=seed, **CHANNELS_LAST,
         ) if policy.random_erasing else None
+        if rand_augment is not None or erasing is not None:
+            def distort(image, label):
+                if rand_augment is not None:
+                    image = rand_augment(image, training=True)
+                if erasing is not None:
+                    image = erasing(image, training=True)
+                return tf.clip_by_value(image, 0.0, 255.0), label
 
-        def transform(image, label):
-            image = random_resized_crop(image, image_size, policy.crop_scale,
-                                        policy.crop_ratio, seed)
-            if policy.flip:
-                image = tf.image.random_flip_left_right(image, seed=seed)
-            if rand_augment is not None:
-                image = rand_augment(image, training=True)
-            if erasing is not None:
-                image = erasing(image, training=True)
-            return tf.clip_by_value(image, 0.0, 255.0), label
-
-    dataset = dataset.map(
-        lambda image, label: transform(image, tf.one_hot(label, num_classes)),
-        num_parallel_calls=tf.data.AUTOTUNE,
-    ).batch(global_batch_size, drop_remainder=True)
+            dataset = dataset.map(distort, num_parallel_calls=stateful_calls)
+    dataset = dataset.batch(global_batch_size, drop_remainder=True)
     if policy is not None and (policy.mixup_alpha or policy.cutmix_alpha):
-        dataset = dataset.map(_mixer(policy, seed), num_parallel_calls=tf.data.AUTOTUNE)
+        dataset = dataset.map(_mixer(policy, seed), num_parallel_calls=stateful_calls)
     dataset = dataset.map(lambda images, labels: (tf.ensure_shape(
         _with_channels(images, channels), [global_batch_size, height, width, channels]), labels))
     return _finish(dataset, deterministic)
@@ -562,12 +581,13 @@ def center_crop(image, image_size, crop_pct=variants.CROP_PCT):
 
 
 def random_resized_crop(image, image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                        seed=None):
+                        seed=(0, 0)):
     """A crop of random area fraction `scale` and aspect `ratio`, resized bicubically.
 
+    `seed` is a stateless seed, two integers: the same seed gives the same crop.
     Falls back to the whole image after 10 failed draws, as Inception did.
     """
-    begin, size, _ = tf.image.sample_distorted_bounding_box(
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.shape(image), bounding_boxes=tf.zeros([1, 0, 4]), seed=seed,
         min_object_covered=0.0, aspect_ratio_range=ratio, area_range=scale,
         max_attempts=10, use_image_if_no_bounding_boxes=True,

@@ -520,7 +520,9 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
             `checkpoints/last.keras` up to `epochs`.
         seed: seeds initialization, shuffling and augmentation.
         cache: keep decoded images in memory after the first epoch.
-        deterministic: reproducible input order (slower).
+        deterministic: the same input order and augmentation on every run
+            with the same seed, so the same weights on the same machine
+            (slower; see `data.training_pipeline`).
         train_split: the split to train on, or a slice of it, as
             tensorflow-datasets writes them: `"train[:90%]"` trains on 90%
             of train and `validation_split="train[90%:]"` validates on the
@@ -614,6 +616,9 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
     replicas = strategy.num_replicas_in_sync
     global_batch = batch_size * replicas
     steps_per_epoch = training_set.num_examples // global_batch
+    # The pipeline's random ops take their seeds from TensorFlow's global seed
+    # as they are traced: set here, not left to whatever ran before in this process.
+    keras.utils.set_random_seed(seed)
     train_data = data_lib.training_pipeline(training_set, image_size, global_batch, augment,
                                             seed=seed, cache=cache,
                                             deterministic=deterministic, channels=channels)

@@ -348,6 +348,19 @@ def test_tfds_slices_split_a_dataset_that_has_only_train(tmp_path):
     assert evaluated["split"] == "train[80%:]" and evaluated["examples"] == 2
 
 
+def test_deterministic_runs_in_one_process_train_to_the_same_weights(tmp_path):
+    """The pipeline's seeds came from whatever global seed the process had when
+    it was traced: a second run in one process trained to other weights."""
+    data = str(image_folder(tmp_path / "data", per_class=8, splits=("train",)))
+    trained = [training.train(data, TWO_STAGES, output=str(tmp_path / f"run{i}"),
+                              image_size=16, epochs=1, batch_size=4, augment="imagenet",
+                              deterministic=True, seed=seed, validation_split=None,
+                              verbose=0).model.get_weights()
+               for i, seed in enumerate((1, 1, 2))]
+    assert max_difference(trained[0], trained[1]) == 0.0
+    assert max_difference(trained[0], trained[2]) > 1e-4
+
+
 @pytest.mark.parametrize("dtype, stored, expected", [
     ("uint16", 50000, 50000 >> 8), ("float32", 0.75, int(0.75 * 255.5))])
 def test_a_tfds_dataset_of_16_bit_or_float_images_keeps_its_brightness(dtype, stored, expected,
