@@ -18,8 +18,10 @@ crop, flip, RandAugment, random erasing, then MixUp or CutMix per batch;
 center crop, as the references evaluate.
 """
 
+import contextlib
 import dataclasses
 import hashlib
+import logging
 import math
 import os
 import re
@@ -333,13 +335,41 @@ def _tfds_builder(name, data_dir=None, manual_dir=None):
         raise DataError(f"unknown tensorflow-datasets name {name!r} (see "
                         "https://www.tensorflow.org/datasets/catalog)") from None
     try:
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+        with _few_download_retries():
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     except (ValueError, AssertionError, OSError) as error:
         # e.g. ImageNet's archives are not in the manual directory
-        raise DataError(f"tfds:{name} cannot be prepared: {' '.join(str(error).split())}"
-                        ) from None
+        reason = " ".join(str(error).split())
+        if type(error).__name__ in ("ConnectionError", "ConnectTimeout"):  # requests'
+            reason += (f" (no network? Prepare it where there is one, `tfds build {name}`, "
+                       "and point --data-dir (data_dir) at its folder)")
+        raise DataError(f"tfds:{name} cannot be prepared: {reason}") from None
     return builder
+
+
+# tensorflow-datasets retries each request 10 times with doubling waits: a
+# host it cannot reach (no network) failed after 3.4 minutes of "Retrying"
+# warnings. Five retries give up in about 6 seconds.
+DOWNLOAD_RETRIES = 5
+
+
+@contextlib.contextmanager
+def _few_download_retries():
+    from tensorflow_datasets.core.download import downloader
+
+    retries = getattr(downloader, "MAX_RETRIES", None)
+    urllib3_log = logging.getLogger("urllib3.connectionpool")
+    level = urllib3_log.level
+    if retries is not None:
+        downloader.MAX_RETRIES = min(retries, DOWNLOAD_RETRIES)
+    urllib3_log.setLevel(logging.ERROR)  # the final error names the cause
+    try:
+        yield
+    finally:
+        if retries is not None:
+            downloader.MAX_RETRIES = retries
+        urllib3_log.setLevel(level)
 
 
 def _tfds_split(name, split, data_dir, manual_dir):
