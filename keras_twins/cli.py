@@ -277,8 +277,8 @@ def _predicted(model, paths, size, load_image, unreadable, chunk=32):
                 images.append(load_image(path, size, channels=channels))
                 read.append(path)
             except (OSError, ValueError) as error:
-                # Pillow's message names the file too: once is enough.
-                reason = _one_line(error).replace(f"{path}: ", "").replace(f" '{path}'", "")
+                # Pillow's message names the file too, by its repr: once is enough.
+                reason = _one_line(error).replace(f"{path}: ", "").replace(f" {path!r}", "")
                 unreadable.append((path, f"{path}: cannot read the image ({reason})"))
         if not images:
             continue

@@ -106,6 +106,16 @@ def test_predict_failures_are_one_line(photos, checkpoint, tmp_path, random_refe
     assert_clean_failure(result, "text.png: cannot read the image")
     assert result.stderr.count("text.png") == 1, result.stderr  # Pillow's message named it too
     assert result.stdout == ""
+    # Pillow names it by its repr: a name that is not UTF-8, or has a quote,
+    # was named twice, the second time as "caf\\udce9".
+    for name in (b"caf\xe9.png", b"it's.png"):
+        odd = os.fsdecode(os.path.join(os.fsencode(tmp_path), name))
+        shutil.copy(not_an_image, odd)
+        result = keras_twins_in_process(capfd, "predict", odd, "--weights", checkpoint)
+        stem = name.decode("latin-1")[:-4].replace("\xe9", "\\xe9")
+        assert_clean_failure(result, f"{stem}.png: cannot read the image (cannot identify "
+                                     "image file)")
+        assert result.stderr.count(stem) == 1, result.stderr
     # Among readable images, those are classified and the unreadable ones named
     # (one damaged photo among thousands ended the command with nothing printed).
     (tmp_path / "cut.jpg").write_bytes(photos[0].read_bytes()[:20])
