@@ -1,6 +1,7 @@
 """The `keras-twins` command: predict, convert, export, train, evaluate, info.
 
-    keras-twins predict IMAGE... [--model twins_svt_small] [--weights imagenet|PATH]
+    keras-twins predict IMAGE... [--model twins_svt_small|MODEL.keras|FILE.tflite]
+                                 [--weights imagenet|PATH]
                                  [--top 5] [--json]
     keras-twins convert SRC --output DST.weights.h5 [--variant NAME]
     keras-twins export --format tflite|onnx|saved_model --output PATH [--model NAME|CONFIG.json]
@@ -13,7 +14,8 @@
                       [--epochs N]
                       [--batch-size B] [--augment imagenet|light|none] [--strategy ...]
                       [--backup-dir DIR] [--resume] ...  (--help lists them all)
-    keras-twins evaluate --data tfds:NAME|DIR --model-file DIR/model.keras [--split NAME]
+    keras-twins evaluate --data tfds:NAME|DIR --model-file DIR/model.keras|FILE.tflite
+                         [--split NAME]
     keras-twins info
 """
 
@@ -59,9 +61,11 @@ def main(argv=None):
     predict.add_argument("images", nargs="+", metavar="IMAGE")
     predict.add_argument("--model", default="twins_svt_small",
                          help="variant name (default: twins_svt_small), a JSON file of "
-                              "keras_twins.Twins arguments, or a .keras model (from train)")
+                              "keras_twins.Twins arguments, a .keras model (from train) or a "
+                              ".tflite file (from export, run by LiteRT)")
     predict.add_argument("--weights",
-                         help="'imagenet' (default) or a checkpoint path; not for a .keras model")
+                         help="'imagenet' (default) or a checkpoint path; not for a .keras or "
+                              ".tflite model")
     predict.add_argument("--top", type=int, default=5, help="classes per image")
     predict.add_argument("--json", action="store_true", help="print JSON")
 
@@ -138,7 +142,9 @@ def main(argv=None):
 
     evaluate = commands.add_parser("evaluate", help="loss, top-1 and top-5 on a split")
     evaluate.add_argument("--data", required=True, help="tfds:NAME or an image folder")
-    evaluate.add_argument("--model-file", required=True, help="a model.keras file")
+    evaluate.add_argument("--model-file", required=True,
+                          help="a model.keras file, or a .tflite file from export (run by "
+                               "LiteRT)")
     evaluate.add_argument("--split", default="auto",
                           help="split name or slice ('train[90%%:]'), or 'auto': the split "
                                "the model's run validated on, else validation, val or test, "
@@ -174,13 +180,7 @@ def main(argv=None):
 
 
 def _predict(args):
-    from keras_twins import variants
-    from keras_twins.export import LabelsWarning
-    from keras_twins.export import class_names
-    from keras_twins.images import load_image
-    from keras_twins.model import classifier_outputs
-    from keras_twins.model import image_input_problem
-    from keras_twins.pretrained import WeightsDownloadError
+    from keras_twins.export import is_tflite_file
     from keras_twins.weights import WEIGHTS_SUFFIXES
 
     if args.top < 1:
@@ -192,29 +192,16 @@ def _predict(args):
         if not os.path.isfile(path):
             raise CommandError(f"{path}: no such image file")
         # `predict run/model.keras cat.jpg` fetched the default model first.
-        if _is_keras_file(path) or path.lower().endswith(".json"):
+        if _is_keras_file(path) or path.lower().endswith((".json", ".tflite")):
             raise CommandError(f"{path}: a model, not an image; give it with --model")
         if path.lower().endswith(WEIGHTS_SUFFIXES):
             raise CommandError(f"{path}: a weights file, not an image; give it with --weights")
-    try:
-        # Download progress goes to stderr, keeping stdout for the results.
-        with contextlib.redirect_stdout(sys.stderr):
-            model = _model(args.model, args.weights)
-    except (ValueError, WeightsDownloadError) as error:
-        raise CommandError(_one_line(error)) from None
-    if problem := image_input_problem(model):  # a checkpoint of a 1-channel model, say
-        raise CommandError(f"{args.model}: {problem}")
-    outputs = classifier_outputs(model)
-    if outputs is None:
-        raise CommandError(f"{args.model}: not an image classifier (its output has shape "
-                           f"{model.output_shape}, not (batch, classes))")
-    # A model trained at another size (a .keras file) gets its own size.
-    size = tuple(model.input_shape[1:3])
-    size = variants.DEFAULT_IMAGE_SIZE if None in size else size
-    with _warnings_shown(LabelsWarning):
-        names = class_names(model, args.model if _is_keras_file(args.model) else None)
+    if is_tflite_file(args.model):
+        run, size, channels, outputs, names = _tflite_classifier(args.model, args.weights)
+    else:
+        run, size, channels, outputs, names = _keras_classifier(args.model, args.weights)
     results, unreadable = [], []
-    for path, row in _predicted(model, args.images, size, load_image, unreadable):
+    for path, row in _predicted(run, channels, args.images, size, unreadable):
         if outputs == "logits":  # a head without softmax (classifier_activation=None)
             row = np.exp(row - row.max())
             row /= row.sum()
@@ -256,20 +243,74 @@ def _unreadable_images(unreadable, total):
     return line
 
 
-def _predicted(model, paths, size, load_image, unreadable, chunk=32):
-    """`(path, probabilities)` for each image, loading `chunk` images at a time.
+def _keras_classifier(model, weights):
+    """`(run, size, channels, outputs, names)` of the Keras model `--model`
+    names: `run(pixels)` its outputs for a batch of pixels in [0, 255]."""
+    import keras
+
+    from keras_twins import variants
+    from keras_twins.export import LabelsWarning
+    from keras_twins.export import class_names
+    from keras_twins.model import classifier_outputs
+    from keras_twins.model import image_input_problem
+    from keras_twins.model import normalized
+    from keras_twins.model import takes_pixels
+    from keras_twins.pretrained import WeightsDownloadError
+
+    try:
+        # Download progress goes to stderr, keeping stdout for the results.
+        with contextlib.redirect_stdout(sys.stderr):
+            classifier = _model(model, weights)
+    except (ValueError, WeightsDownloadError) as error:
+        raise CommandError(_one_line(error)) from None
+    if problem := image_input_problem(classifier):  # a checkpoint of a 1-channel model, say
+        raise CommandError(f"{model}: {problem}")
+    outputs = classifier_outputs(classifier)
+    if outputs is None:
+        raise CommandError(f"{model}: not an image classifier (its output has shape "
+                           f"{classifier.output_shape}, not (batch, classes))")
+    # A model trained at another size (a .keras file) gets its own size.
+    size = tuple(classifier.input_shape[1:3])
+    size = variants.DEFAULT_IMAGE_SIZE if None in size else size
+    with _warnings_shown(LabelsWarning):
+        names = class_names(classifier, model if _is_keras_file(model) else None)
+    normalize = not takes_pixels(classifier)  # a Twins built with include_preprocessing=False
+
+    def run(images):
+        if normalize:
+            images = keras.ops.convert_to_numpy(normalized(images))
+        return classifier.predict(images, batch_size=len(images), verbose=0)
+
+    return run, size, classifier.input_shape[-1], outputs, names
+
+
+def _tflite_classifier(model, weights):
+    """`_keras_classifier`'s for a TFLite file from `export`, run by LiteRT."""
+    from keras_twins.export import TFLiteClassifier
+    from keras_twins.export import default_class_names
+
+    if weights is not None:
+        raise CommandError(f"--weights does not apply to {model}: a TFLite file holds its own "
+                           "weights")
+    if not os.path.isfile(model):
+        raise CommandError(f"{model}: no such model file")
+    try:
+        classifier = TFLiteClassifier(model)
+    except ValueError as error:
+        raise CommandError(_one_line(error)) from None
+    names = classifier.labels or default_class_names(classifier.classes)
+    return classifier, classifier.image_size, classifier.channels, classifier.output, names
+
+
+def _predicted(run, channels, paths, size, unreadable, chunk=32):
+    """`(path, outputs)` for each image, loading `chunk` images at a time.
 
     All at once, a shell glob of 10,000 photos took 6 GB of decoded pixels.
     An image that cannot be read is left out, and `(path, one-line reason)`
     appended to `unreadable`.
     """
-    import keras
+    from keras_twins.images import load_image
 
-    from keras_twins.model import normalized
-    from keras_twins.model import takes_pixels
-
-    normalize = not takes_pixels(model)  # a Twins model built with include_preprocessing=False
-    channels = model.input_shape[-1]
     for start in range(0, len(paths), chunk):
         images, read = [], []
         for path in paths[start:start + chunk]:
@@ -280,12 +321,8 @@ def _predicted(model, paths, size, load_image, unreadable, chunk=32):
                 # Pillow's message names the file too, by its repr: once is enough.
                 reason = _one_line(error).replace(f"{path}: ", "").replace(f" {path!r}", "")
                 unreadable.append((path, f"{path}: cannot read the image ({reason})"))
-        if not images:
-            continue
-        images = np.stack(images)
-        if normalize:
-            images = keras.ops.convert_to_numpy(normalized(images))
-        yield from zip(read, model.predict(images, batch_size=chunk, verbose=0))
+        if images:
+            yield from zip(read, run(np.stack(images)))
 
 
 def _is_keras_file(model):

@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_twins import cpu_streams
 from keras_twins.checks import is_whole
 from keras_twins.data import IMAGE_SUFFIXES
 from keras_twins.files import non_utf8_problem
@@ -619,12 +620,16 @@ def class_names(model, model_file=None):
     ImageNet's names for 1000 outputs, and `class_0`, `class_1`, ... for
     any other number.
     """
-    from keras_twins.imagenet import imagenet_classes
-
     classes = model.output_shape[-1]
     names = run_labels(model_file, classes) if model_file is not None else None
-    if names is not None:
-        return names
+    return default_class_names(classes) if names is None else names
+
+
+def default_class_names(classes):
+    """The names an export gives outputs that no training run named: ImageNet's
+    for 1000 classes, `class_0`, `class_1`, ... for any other number."""
+    from keras_twins.imagenet import imagenet_classes
+
     if classes == 1000:
         return [name for _, name in imagenet_classes()]
     return [f"class_{i}" for i in range(classes)]
@@ -717,8 +722,101 @@ def _packaged(content, entries):
 def read_tflite_metadata(path):
     """The metadata entries of a TFLite file, `{name: bytes}`."""
     _, model = _read_tflite(path)
+    return _metadata(model)
+
+
+def _metadata(model):
     return {m.name.decode(): bytes(model.buffers[m.buffer].data)
-            for m in model.metadata if model.buffers[m.buffer].data is not None}
+            for m in model.metadata or [] if model.buffers[m.buffer].data is not None}
+
+
+def is_tflite_file(path):
+    """Whether `path` names a TFLite file: by its suffix, or by the identifier
+    its first bytes hold."""
+    if os.fspath(path).lower().endswith(".tflite"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(8)[4:] == b"TFL3"
+    except OSError:
+        return False
+
+
+class TFLiteClassifier:
+    """A TFLite classifier written by `export`, run by LiteRT on the CPU.
+
+    Its metadata says what it takes and gives (`input_contract.json`,
+    `labels.txt`). Calling it on a float32 batch `(n, height, width,
+    channels)` of pixels in [0, 255], of any size `n`, returns its float32
+    outputs `(n, classes)`, run at the file's fixed batch.
+
+    Attributes: `image_size` `(height, width)`, `channels`, `classes`,
+    `output` (`"probabilities"` or `"logits"`), `labels`, `batch_size`.
+    """
+
+    def __init__(self, path, threads=None):
+        try:
+            content, model = _read_tflite(path)
+            entries = _metadata(model)
+        except OSError:
+            raise
+        except Exception:  # the flatbuffer reader fails anywhere in a damaged file
+            raise ExportError(f"{path}: not a readable TFLite file (damaged or cut short)"
+                              ) from None
+        try:
+            contract = json.loads(entries["input_contract.json"])
+            self.batch_size, height, width, self.channels = contract["shape"]
+            self.output = contract["output"]
+        except (KeyError, ValueError, TypeError):
+            raise ExportError(
+                f"{path}: a TFLite file without keras_twins' input contract (the metadata "
+                "entry input_contract.json that `keras-twins export` writes), so what it "
+                "takes is unknown") from None
+        self.image_size = (height, width)
+        try:
+            self.interpreter = _interpreter(content, threads or cpu_streams.usable_cores())
+        except (ValueError, RuntimeError) as error:
+            raise ExportError(f"{path}: LiteRT cannot run it ({' '.join(str(error).split())})"
+                              ) from None
+        (source,), (target,) = (self.interpreter.get_input_details(),
+                                self.interpreter.get_output_details())
+        self.classes = int(target["shape"][-1])
+        self._source, self._target = source, target
+        if list(source["shape"]) != contract["shape"] or len(target["shape"]) != 2:
+            raise ExportError(f"{path}: its input {list(source['shape'])} and output "
+                              f"{list(target['shape'])} are not the classifier its "
+                              f"metadata describes ({contract['shape']})")
+        names = entries.get("labels.txt", b"").decode("utf-8", "replace").splitlines()
+        self.labels = names if len(names) == self.classes else None
+
+    def __call__(self, images):
+        images = np.asarray(images, np.float32)
+        count, batch = len(images), self.batch_size
+        padded = np.concatenate([images, np.zeros(
+            ((-count) % batch, *images.shape[1:]), np.float32)]) if count % batch else images
+        scale, zero_point = self._target["quantization"]
+        outputs = []
+        for start in range(0, len(padded), batch):
+            self.interpreter.set_tensor(self._source["index"], padded[start:start + batch])
+            self.interpreter.invoke()
+            output = self.interpreter.get_tensor(self._target["index"])
+            if scale:  # an integer output
+                output = (output.astype(np.float32) - zero_point) * scale
+            outputs.append(output.astype(np.float32))
+        return np.concatenate(outputs)[:count]
+
+
+def _interpreter(content, threads):
+    """LiteRT's interpreter (ai-edge-litert), else TensorFlow's copy of it."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        Interpreter = tf.lite.Interpreter
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*tf.lite.Interpreter is deprecated")
+        interpreter = Interpreter(model_content=content, num_threads=threads)
+    interpreter.allocate_tensors()
+    return interpreter
 
 
 def _read_tflite(path):

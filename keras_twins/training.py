@@ -36,6 +36,9 @@ import tensorflow as tf
 from keras_twins import data as data_lib
 from keras_twins import variants
 from keras_twins.checks import is_whole
+from keras_twins.export import TFLiteClassifier
+from keras_twins.export import default_class_names
+from keras_twins.export import is_tflite_file
 from keras_twins.export import read_labels
 from keras_twins.export import run_folder
 from keras_twins.export import run_labels
@@ -701,7 +704,10 @@ def evaluate(data, model_file, split="auto", batch_size=64, data_dir=None,
              manual_dir=None, verbose="auto"):
     """Loss, top-1 and top-5 accuracy of a saved classifier on a split.
 
-    The split is resized and center-cropped to the model's input size.
+    `model_file` is a `.keras` model, or a TFLite file written by
+    `keras_twins.export.export` (float32, float16 or int8, run by LiteRT:
+    what an app would compute). The split is resized and center-cropped to
+    the model's input size.
     `"auto"` takes the split that the model's run validated on, where
     `model_file` is a run's and `data` its data (a slice, `"train[90%:]"`,
     say); else the first of validation, val and test, else train. The
@@ -716,23 +722,32 @@ def evaluate(data, model_file, split="auto", batch_size=64, data_dir=None,
     model_file = os.fspath(model_file)
     if not os.path.isfile(model_file):
         raise TrainingError(f"{model_file}: no such model file")
-    model = load_keras_model(model_file)
+    if is_tflite_file(model_file):
+        model = TFLiteClassifier(model_file)
+        (height, width), channels = model.image_size, model.channels
+        outputs, classes = model.output, model.classes
+        # An export names the outputs of a run's model by its labels, and
+        # others by default names, which say nothing about the order.
+        trained_on = None if model.labels == default_class_names(classes) else model.labels
+    else:
+        model = load_keras_model(model_file)
+        height, width = model.input_shape[1:3]
+        if height is None or width is None:
+            height = width = variants.DEFAULT_IMAGE_SIZE
+        channels = model.input_shape[-1]
+        outputs = classifier_outputs(model)
+        if outputs is None:
+            raise TrainingError(f"{model_file}: not an image classifier (its output has shape "
+                                f"{model.output_shape}, not (batch, classes))")
+        classes = model.output_shape[-1]
+        trained_on = run_labels(model_file, classes)
     if split == "auto":
         split, evaluation = _automatic_split(data, model_file, data_dir, manual_dir)
     else:
         evaluation = data_lib.load_split(data, split, data_dir, manual_dir)
-    height, width = model.input_shape[1:3]
-    if height is None or width is None:
-        height = width = variants.DEFAULT_IMAGE_SIZE
-    outputs = classifier_outputs(model)
-    if outputs is None:
-        raise TrainingError(f"{model_file}: not an image classifier (its output has shape "
-                            f"{model.output_shape}, not (batch, classes))")
-    classes = model.output_shape[-1]
     if classes != len(evaluation.class_names):
         raise TrainingError(f"the model has {classes} classes, the {split} split "
                             f"{len(evaluation.class_names)}")
-    trained_on = run_labels(model_file, classes)
     if trained_on is not None and trained_on != evaluation.class_names:
         # Same count, other names or order: every label would be scored wrong.
         differ = next(i for i, (a, b) in enumerate(zip(trained_on, evaluation.class_names))
@@ -741,20 +756,38 @@ def evaluate(data, model_file, split="auto", batch_size=64, data_dir=None,
             f"the {split} split's classes are not the ones the model was trained on "
             f"(labels.txt): label {differ} is {evaluation.class_names[differ]!r} in the "
             f"split and {trained_on[differ]!r} in the model")
-    model.compile(loss=keras.losses.CategoricalCrossentropy(from_logits=outputs == "logits"),
-                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
-                           keras.metrics.TopKCategoricalAccuracy(k=min(5, classes),
-                                                                 name="top5")])
+    loss = keras.losses.CategoricalCrossentropy(from_logits=outputs == "logits")
+    metrics = [keras.metrics.CategoricalAccuracy(name="accuracy"),
+               keras.metrics.TopKCategoricalAccuracy(k=min(5, classes), name="top5")]
     batches = data_lib.evaluation_pipeline(evaluation, (height, width), batch_size,
-                                           channels=model.input_shape[-1])
-    if not takes_pixels(model):  # a Twins model built with include_preprocessing=False
-        batches = batches.map(lambda images, labels: (normalized(images), labels))
-    results = model.evaluate(batches, return_dict=True,
-                             verbose=1 if verbose == "auto" else verbose)
+                                           channels=channels)
+    verbose = 1 if verbose == "auto" else verbose
+    if isinstance(model, TFLiteClassifier):
+        results = _score(model, batches, loss, metrics, verbose)
+    else:
+        if not takes_pixels(model):  # a Twins model built with include_preprocessing=False
+            batches = batches.map(lambda images, labels: (normalized(images), labels))
+        model.compile(loss=loss, metrics=metrics)
+        results = model.evaluate(batches, return_dict=True, verbose=verbose)
     results["split"] = split
     results["examples"] = evaluation.num_examples
     results["skipped"] = evaluation.skipped
     return results
+
+
+def _score(classifier, batches, loss, metrics, verbose):
+    """`model.evaluate`'s results for a classifier that is not a Keras model."""
+    steps = int(batches.cardinality())
+    progress = keras.utils.Progbar(steps if steps >= 0 else None, verbose=verbose)
+    total, count = 0.0, 0
+    for step, (images, labels) in enumerate(batches, 1):
+        outputs = classifier(images.numpy())
+        total += float(loss(labels, outputs)) * len(outputs)
+        count += len(outputs)
+        for metric in metrics:
+            metric.update_state(labels, outputs)
+        progress.update(step, [("loss", total / count)])
+    return {"loss": total / count, **{metric.name: float(metric.result()) for metric in metrics}}
 
 
 def _automatic_split(data, model_file, data_dir, manual_dir):

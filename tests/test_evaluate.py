@@ -6,6 +6,7 @@ import re
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 import keras_twins
@@ -132,3 +133,71 @@ def test_a_head_without_softmax_is_scored_and_shown_as_probabilities(tmp_path, c
     assert sum(shown["logits"]) == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(training.TrainingError, match="not an image classifier"):
         training.evaluate(data, tmp_path / "features.keras", verbose=0)
+
+
+def test_an_exported_tflite_file_is_scored_as_the_app_runs_it(tmp_path, capfd):
+    """What int8 costs on a user's own data needed a script of their own:
+    evaluate took only .keras models, and named a TFLite file "not a loadable
+    Keras model"."""
+    from keras_twins.export import export
+    from keras_twins.images import load_image
+
+    names = [f"c{i}" for i in range(6)]
+    for folder in ("batch4", "logits", "int8", "shuffled"):
+        (tmp_path / folder).mkdir()
+    data = image_folder(tmp_path / "data", classes=names, per_class=3)  # 18: not 4 * n
+    keras.utils.set_random_seed(0)
+    model = keras_twins.Twins(**TINY, classes=6, input_shape=(32, 32, 3))
+    model.save(tmp_path / "model.keras")
+    keras_results = training.evaluate(data, tmp_path / "model.keras", verbose=0)
+    photos = sorted((data / "validation" / "c2").iterdir())
+    keras_probabilities = model.predict(np.stack([load_image(p, 32) for p in photos]),
+                                        verbose=0)
+    for name, kwargs in [("batch4", dict(batch_size=4, labels=names)),
+                         ("logits", dict(output="logits"))]:
+        path = export(model, tmp_path / name / "model.tflite", image_size=32, **kwargs)
+        results = training.evaluate(data, path, verbose=0)
+        assert (results["split"], results["examples"]) == ("validation", 18)
+        assert abs(results["loss"] - keras_results["loss"]) < 1e-5, (results, keras_results)
+        assert results["accuracy"] == keras_results["accuracy"]
+        assert results["top5"] == keras_results["top5"] < 1.0
+        # predict runs it too, with the labels it carries, as probabilities.
+        code, out, err = run_cli(capfd, "predict", *photos, "--model", path, "--top", "6",
+                                 "--json")
+        assert code == 0, err
+        for entry, expected in zip(json.loads(out), keras_probabilities, strict=True):
+            ours = {p["class_id"]: p["probability"] for p in entry["predictions"]}
+            np.testing.assert_allclose([ours[i] for i in range(6)], expected, atol=1e-6)
+            assert {p["label"] for p in entry["predictions"]} == (
+                set(names) if name == "batch4" else {f"class_{i}" for i in range(6)})
+    # Full integer: its outputs are the float model's to a quantization step.
+    int8 = export(model, tmp_path / "int8" / "model.tflite", image_size=32, quantize="int8",
+                  representative_data=str(data / "train"))
+    code, out, err = run_cli(capfd, "evaluate", "--data", data, "--model-file", int8)
+    assert code == 0, err
+    loss = float(re.search(r"^18 examples of the validation split: loss (\S+),", out)[1])
+    assert abs(loss - keras_results["loss"]) < 0.05, (out, keras_results)
+
+    # The labels an export of a run's model carries are checked against the split.
+    path = export(model, tmp_path / "shuffled" / "model.tflite", image_size=32,
+                  labels=names[1:] + names[:1])
+    with pytest.raises(training.TrainingError, match=re.escape(
+            "label 0 is 'c0' in the split and 'c1' in the model")):
+        training.evaluate(data, path, verbose=0)
+    # A file without the metadata that says what it takes, and damaged ones.
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([tf.function(
+        lambda x: tf.nn.softmax(tf.reduce_mean(x, [1, 2])),
+        input_signature=[tf.TensorSpec([1, 32, 32, 6])]).get_concrete_function()])
+    foreign = tmp_path / "foreign.tflite"
+    foreign.write_bytes(converter.convert())
+    content = (tmp_path / "logits" / "model.tflite").read_bytes()
+    (tmp_path / "cut.tflite").write_bytes(content[:len(content) // 2])
+    (tmp_path / "header.tflite").write_bytes(content[:8] + bytes(64 * [255]) + content[72:])
+    for path, message in [
+            (foreign, "a TFLite file without keras_twins' input contract"),
+            (tmp_path / "cut.tflite", "not a readable TFLite file (damaged or cut short)"),
+            (tmp_path / "header.tflite", "not a readable TFLite file (damaged or cut short)")]:
+        code, out, err = run_cli(capfd, "evaluate", "--data", data, "--model-file", path)
+        assert code == 1 and out == "", (out, err)
+        line, = err.strip().splitlines()
+        assert line.startswith(f"error: {path}: {message}"), err
