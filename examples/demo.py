@@ -31,6 +31,7 @@ with quiet_library_chatter():
     from keras_twins import data as data_lib
     from keras_twins.cli import ArgumentParser
     from keras_twins.cli import format_table
+    from keras_twins.export import TFLiteClassifier
     from keras_twins.export import export
     from keras_twins.files import STAGING_PREFIX
     from keras_twins.files import other_entries
@@ -104,7 +105,7 @@ def main(argv=None):
                  _keras_file_size(run), _latency(serve, images))]
     for name, path in (("TFLite float32", float32), ("TFLite int8", int8),
                        ("TFLite int8-mixed", mixed)):
-        run_one = _tflite_runner(path)
+        run_one = TFLiteClassifier(path)  # LiteRT's interpreter
         predictions = np.array([np.argmax(run_one(image[None])) for image in images])
         rows.append(_row(name, predictions, keras_predictions, labels,
                          os.path.getsize(path), _latency(run_one, images)))
@@ -126,22 +127,6 @@ def _row(name, predictions, keras_predictions, labels, size, latency):
 
 def _keras_file_size(run):
     return os.path.getsize(os.path.join(run, "model.keras"))
-
-
-def _tflite_runner(path):
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_path=path, num_threads=2)
-    interpreter.allocate_tensors()
-    source = interpreter.get_input_details()[0]["index"]
-    target = interpreter.get_output_details()[0]["index"]
-
-    def run(image):
-        interpreter.set_tensor(source, image)
-        interpreter.invoke()
-        return interpreter.get_tensor(target)
-
-    return run
 
 
 def _latency(function, images, repeats=50):

@@ -22,24 +22,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # one-line error. Python's sys.stderr still writes.
 with quiet_library_chatter():
     import numpy as np
-    from ai_edge_litert.interpreter import Interpreter
 
     import keras_twins
     from keras_twins.cli import ArgumentParser
+    from keras_twins.export import TFLiteClassifier
     from keras_twins.export import export
     from keras_twins.export import tflite_report
-
-
-def run(path, images):
-    interpreter = Interpreter(model_path=path, num_threads=2)
-    interpreter.allocate_tensors()
-    source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    outputs = []
-    for image in images:  # exported with batch size 1
-        interpreter.set_tensor(source["index"], image[None])
-        interpreter.invoke()
-        outputs.append(interpreter.get_tensor(target["index"])[0])
-    return np.stack(outputs)
 
 
 def main():
@@ -74,7 +62,7 @@ def main():
         }
     print(f"{'file':<8} {'MB':>7} {'top-1 = Keras':>14} {'max |dp|':>9}  GPU delegate")
     for kind, path in files.items():
-        outputs = run(path, batch)
+        outputs = TFLiteClassifier(path)(batch)  # LiteRT's interpreter, a batch of 1 at a time
         agreement = np.mean(outputs.argmax(-1) == expected.argmax(-1))
         report = tflite_report(path)
         print(f"{kind:<8} {os.path.getsize(path) / 1e6:7.1f} {agreement:14.0%} "
