@@ -193,7 +193,11 @@ def test_an_exported_tflite_file_is_scored_as_the_app_runs_it(tmp_path, capfd):
     content = (tmp_path / "logits" / "model.tflite").read_bytes()
     (tmp_path / "cut.tflite").write_bytes(content[:len(content) // 2])
     (tmp_path / "header.tflite").write_bytes(content[:8] + bytes(64 * [255]) + content[72:])
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x07")
     for path, message in [
+            (tmp_path / "model.onnx", "not a model evaluate reads; it takes a .keras model or "
+                                      "a .tflite file (from export)"),
+            (tmp_path / "int8", "not a model evaluate reads"),
             (foreign, "a TFLite file without keras_twins' input contract"),
             (tmp_path / "cut.tflite", "not a readable TFLite file (damaged or cut short)"),
             (tmp_path / "header.tflite", "not a readable TFLite file (damaged or cut short)")]:
