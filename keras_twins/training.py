@@ -565,6 +565,9 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
     if not (is_whole(epochs, least=1) and is_whole(batch_size, least=1)):
         raise TrainingError(f"epochs and batch_size must be whole numbers of at least 1. "
                             f"Received: epochs={epochs!r}, batch_size={batch_size!r}")
+    if not (is_whole(seed, least=0) and seed < 2**32):
+        # NumPy's "Seed must be between 0 and 2**32 - 1" did not say which seed.
+        raise TrainingError(f"seed must be a whole number in [0, 2**32). Received: seed={seed!r}")
     _check_recipe(learning_rate=learning_rate, weight_decay=weight_decay,
                   warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
                   clipnorm=clipnorm)

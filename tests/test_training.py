@@ -723,6 +723,8 @@ def test_training_pipeline_is_channels_last_when_keras_defaults_to_channels_firs
     (dict(weights=3), "Received: weights=3"),
     (dict(epochs="3"), "Received: epochs='3'"),
     (dict(batch_size=2.5), "batch_size=2.5"),
+    (dict(seed=-5), "seed must be a whole number in [0, 2**32). Received: seed=-5"),
+    (dict(seed=2**32), "Received: seed=4294967296"),
     # Each of these trained without a word.
     (dict(learning_rate=-1e-3), "learning_rate must be a number > 0"),
     (dict(weight_decay=-0.05), "Received: weight_decay=-0.05"),
