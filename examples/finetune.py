@@ -17,6 +17,7 @@ Then the trained model is exported to TFLite for a phone.
 import os
 import sys
 
+from weights_convert.console import printable
 from weights_convert.console import quiet_library_chatter
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -53,12 +54,13 @@ def main():
                        else args.validation_split)
     except (ValueError, OSError) as error:  # keras_twins' errors name the problem
         sys.exit(f"error: {' '.join(str(error).split())}")
-    print(f"classes: {', '.join(result.class_names)}")
+    # A terminal that cannot show a class name's characters gets them escaped.
+    print(printable(f"classes: {', '.join(result.class_names)}", sys.stdout))
     if "val_accuracy" in result.history:
         print(f"validation top-1: {result.history['val_accuracy'][-1]:.4f}")
     path = export(result.model, os.path.join(args.output, "model.tflite"),
                   labels=result.class_names)
-    print(f"TFLite file for Android: {path} (labels.txt beside it)")
+    print(printable(f"TFLite file for Android: {path} (labels.txt beside it)", sys.stdout))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The examples answer bad input with one line that names it, and write nothing;
 what finetune trains and exports names the same classes."""
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -39,14 +40,16 @@ def test_finetune_exports_with_the_classes_it_trained_on(random_reference, tmp_p
     """It exported without them: class_0, class_1 went into the run's
     labels.txt, and its model.keras then named the wrong classes."""
     _, reference = random_reference("twins_svt_small")
-    data = image_folder(tmp_path / "data", classes=("circle", "square"), per_class=4)
+    data = image_folder(tmp_path / "data", classes=("circle", "carr\u00e9"), per_class=4)
+    # A terminal that cannot show "carré": printing the classes raised after training.
+    env = dict(os.environ, PYTHONIOENCODING="ascii")
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / "finetune.py"), str(data), "--output", "run",
          "--weights", str(reference / "model.safetensors"), "--epochs", "1",
          "--batch-size", "4", "--image-size", "32", "--validation-split", "none"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "classes: circle, square" in result.stdout
+    assert "classes: carr\\xe9, circle" in result.stdout
     assert "validation top-1" not in result.stdout  # the data has a validation split
-    assert (tmp_path / "run" / "labels.txt").read_text() == "circle\nsquare\n"
+    assert (tmp_path / "run" / "labels.txt").read_text("utf-8") == "carr\u00e9\ncircle\n"
     assert (tmp_path / "run" / "model.tflite").stat().st_size > 1_000_000
