@@ -782,10 +782,13 @@ class TFLiteClassifier:
                                 self.interpreter.get_output_details())
         self.classes = int(target["shape"][-1])
         self._source, self._target = source, target
-        if list(source["shape"]) != contract["shape"] or len(target["shape"]) != 2:
-            raise ExportError(f"{path}: its input {list(source['shape'])} and output "
-                              f"{list(target['shape'])} are not the classifier its "
-                              f"metadata describes ({contract['shape']})")
+        source_shape, target_shape = source["shape"].tolist(), target["shape"].tolist()
+        if source_shape != contract["shape"]:
+            raise ExportError(f"{path}: its input has shape {source_shape}, not the "
+                              f"{contract['shape']} its metadata describes")
+        if len(target_shape) != 2:  # a segmentation model's, say
+            raise ExportError(f"{path}: not an image classifier (its output has shape "
+                              f"{target_shape}, not (batch, classes))")
         names = entries.get("labels.txt", b"").decode("utf-8", "replace").splitlines()
         self.labels = names if len(names) == self.classes else None
 

@@ -141,6 +141,7 @@ def test_an_exported_tflite_file_is_scored_as_the_app_runs_it(tmp_path, capfd):
     Keras model"."""
     from keras_twins.export import export
     from keras_twins.images import load_image
+    from keras_twins.segmentation import SemanticFPN
 
     names = [f"c{i}" for i in range(6)]
     for folder in ("batch4", "logits", "int8", "shuffled"):
@@ -194,7 +195,12 @@ def test_an_exported_tflite_file_is_scored_as_the_app_runs_it(tmp_path, capfd):
     (tmp_path / "cut.tflite").write_bytes(content[:len(content) // 2])
     (tmp_path / "header.tflite").write_bytes(content[:8] + bytes(64 * [255]) + content[72:])
     (tmp_path / "model.onnx").write_bytes(b"\x08\x07")
+    (tmp_path / "segmentation").mkdir()
+    segmentation = export(SemanticFPN(keras_twins.Twins(**TINY, include_top=False), 3),
+                          tmp_path / "segmentation" / "model.tflite", image_size=32)
     for path, message in [
+            (segmentation, "not an image classifier (its output has shape [1, 32, 32, 3], not "
+                           "(batch, classes))"),
             (tmp_path / "model.onnx", "not a model evaluate reads; it takes a .keras model or "
                                       "a .tflite file (from export)"),
             (tmp_path / "int8", "not a model evaluate reads"),
