@@ -767,6 +767,8 @@ class TFLiteClassifier:
             contract = json.loads(entries["input_contract.json"])
             self.batch_size, height, width, self.channels = contract["shape"]
             self.output = contract["output"]
+            if self.output not in OUTPUTS:
+                raise ValueError(self.output)
         except (KeyError, ValueError, TypeError):
             raise ExportError(
                 f"{path}: a TFLite file without keras_twins' input contract (the metadata "
@@ -794,7 +796,14 @@ class TFLiteClassifier:
 
     def __call__(self, images):
         images = np.asarray(images, np.float32)
+        expected = (*self.image_size, self.channels)
+        if images.ndim != 4 or images.shape[1:] != expected:
+            shape = ", ".join(map(str, expected))
+            raise ValueError(f"the TFLite file takes images of shape (n, {shape}). "
+                             f"Received: shape {images.shape}")
         count, batch = len(images), self.batch_size
+        if not count:
+            return np.zeros((0, self.classes), np.float32)
         padded = np.concatenate([images, np.zeros(
             ((-count) % batch, *images.shape[1:]), np.float32)]) if count % batch else images
         scale, zero_point = self._target["quantization"]

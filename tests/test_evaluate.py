@@ -139,6 +139,7 @@ def test_an_exported_tflite_file_is_scored_as_the_app_runs_it(tmp_path, capfd):
     """What int8 costs on a user's own data needed a script of their own:
     evaluate took only .keras models, and named a TFLite file "not a loadable
     Keras model"."""
+    from keras_twins.export import TFLiteClassifier
     from keras_twins.export import export
     from keras_twins.images import load_image
     from keras_twins.segmentation import SemanticFPN
@@ -171,6 +172,12 @@ def test_an_exported_tflite_file_is_scored_as_the_app_runs_it(tmp_path, capfd):
             np.testing.assert_allclose([ours[i] for i in range(6)], expected, atol=1e-6)
             assert {p["label"] for p in entry["predictions"]} == (
                 set(names) if name == "batch4" else {f"class_{i}" for i in range(6)})
+    classifier = TFLiteClassifier(tmp_path / "batch4" / "model.tflite")
+    assert (classifier.image_size, classifier.channels, classifier.batch_size) == ((32, 32), 3, 4)
+    assert classifier(np.zeros((0, 32, 32, 3))).shape == (0, 6)
+    with pytest.raises(ValueError, match=re.escape("takes images of shape (n, 32, 32, 3). "
+                                                   "Received: shape (1, 48, 48, 3)")):
+        classifier(np.zeros((1, 48, 48, 3)))
     # Full integer: its outputs are the float model's to a quantization step.
     int8 = export(model, tmp_path / "int8" / "model.tflite", image_size=32, quantize="int8",
                   representative_data=str(data / "train"))
