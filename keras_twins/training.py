@@ -787,7 +787,8 @@ def evaluate(data, model_file, split="auto", batch_size=64, data_dir=None,
 def _score(classifier, batches, loss, metrics, verbose):
     """`model.evaluate`'s results for a classifier that is not a Keras model."""
     steps = int(batches.cardinality())
-    progress = keras.utils.Progbar(steps if steps >= 0 else None, verbose=verbose)
+    progress = keras.utils.Progbar(steps if steps >= 0 else None, verbose=verbose,
+                                   stateful_metrics=["loss"])
     total, count = 0.0, 0
     for step, (images, labels) in enumerate(batches, 1):
         outputs = classifier(images.numpy())
