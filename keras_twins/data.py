@@ -356,6 +356,8 @@ DOWNLOAD_RETRIES = 5
 
 @contextlib.contextmanager
 def _few_download_retries():
+    """tensorflow-datasets' downloads retry `DOWNLOAD_RETRIES` times meanwhile,
+    without urllib3's warning per retry."""
     from tensorflow_datasets.core.download import downloader
 
     retries = getattr(downloader, "MAX_RETRIES", None)
