@@ -9,7 +9,7 @@ same pipeline as `keras-twins train`), and the model is exported to TFLite
 float32, full-integer int8 (for integer-only accelerators) and int8-mixed
 (the fastest on phone CPUs). Each is evaluated on the held-out digits and
 timed at batch 1, in one table. The training curves
-are in OUTPUT/run/training.png. About 2 minutes on 2 CPU cores.
+are in OUTPUT/run/training.png. About a minute on 2 CPU cores.
 """
 
 import os
