@@ -708,8 +708,8 @@ def evaluate(data, model_file, split="auto", batch_size=64, data_dir=None,
     """Loss, top-1 and top-5 accuracy of a saved classifier on a split.
 
     `model_file` is a `.keras` model, or a TFLite file written by
-    `keras_twins.export.export` (float32, float16 or int8, run by LiteRT:
-    what an app would compute). The split is resized and center-cropped to
+    `keras_twins.export.export` (of any quantization, run by LiteRT: what an
+    app would compute). The split is resized and center-cropped to
     the model's input size.
     `"auto"` takes the split that the model's run validated on, where
     `model_file` is a run's and `data` its data (a slice, `"train[90%:]"`,
