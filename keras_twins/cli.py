@@ -292,6 +292,8 @@ def _tflite_classifier(model, weights):
     if weights is not None:
         raise CommandError(f"--weights does not apply to {model}: a TFLite file holds its own "
                            "weights")
+    if os.path.isdir(model):
+        raise CommandError(f"{model}: a folder, not a TFLite file")
     if not os.path.isfile(model):
         raise CommandError(f"{model}: no such model file")
     try:

@@ -205,6 +205,10 @@ def test_an_exported_tflite_file_is_scored_as_the_app_runs_it(tmp_path, capfd):
     (tmp_path / "segmentation").mkdir()
     segmentation = export(SemanticFPN(keras_twins.Twins(**TINY, include_top=False), 3),
                           tmp_path / "segmentation" / "model.tflite", image_size=32)
+    (tmp_path / "folder.tflite").mkdir()
+    code, _, err = run_cli(capfd, "predict", photos[0], "--model", tmp_path / "folder.tflite")
+    assert code == 1 and err.strip() == f"error: {tmp_path / 'folder.tflite'}: a folder, not a " \
+        "TFLite file", err
     for path, message in [
             (segmentation, "not an image classifier (its output has shape [1, 32, 32, 3], not "
                            "(batch, classes))"),
