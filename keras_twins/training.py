@@ -723,15 +723,16 @@ def evaluate(data, model_file, split="auto", batch_size=64, data_dir=None,
         raise TrainingError("batch_size must be a whole number of at least 1. "
                             f"Received: batch_size={batch_size!r}")
     model_file = os.fspath(model_file)
+    tflite = os.path.isfile(model_file) and is_tflite_file(model_file)
     if os.path.isdir(model_file) or os.path.isfile(model_file) and not (
-            is_tflite_file(model_file) or model_file.lower().endswith((".keras", ".h5"))):
+            tflite or model_file.lower().endswith((".keras", ".h5"))):
         # Keras' refusal of an ONNX file ran past 200 characters; a SavedModel
         # folder was "no such model file".
         raise TrainingError(f"{model_file}: not a model evaluate reads; it takes a .keras "
                             "model or a .tflite file (from export)")
     if not os.path.isfile(model_file):
         raise TrainingError(f"{model_file}: no such model file")
-    if is_tflite_file(model_file):
+    if tflite:
         model = TFLiteClassifier(model_file)
         (height, width), channels = model.image_size, model.channels
         outputs, classes = model.output, model.classes
@@ -771,7 +772,7 @@ def evaluate(data, model_file, split="auto", batch_size=64, data_dir=None,
     batches = data_lib.evaluation_pipeline(evaluation, (height, width), batch_size,
                                            channels=channels)
     verbose = 1 if verbose == "auto" else verbose
-    if isinstance(model, TFLiteClassifier):
+    if tflite:
         results = _score(model, batches, loss, metrics, verbose)
     else:
         if not takes_pixels(model):  # a Twins model built with include_preprocessing=False
