@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_twins import cpu_streams, variants
+from keras_twins.checks import is_whole
 from keras_twins.images import LUMA
 from keras_twins.images import check_channels as check_file_channels
 
@@ -449,14 +450,19 @@ class Augmentation:
 
 
 def training_pipeline(split, image_size, global_batch_size, augment="imagenet",
-                      seed=0, cache=False, deterministic=False, channels=3):
+                      seed=0, cache=False, deterministic=False, channels=3, first_epoch=None):
     """Shuffled, augmented batches of `(float32 images in [0, 255], one-hot labels)`.
+
+    Each epoch's order and augmentation come from the seed and the epoch's
+    number, not from the epochs before it: a run resumed at epoch `k` is
+    given what an uninterrupted one was at `k` (the same batches, with
+    `deterministic`).
 
     Args:
         split: a `Split` from `load_split`.
         image_size: `(height, width)` of the crops.
-        global_batch_size: examples per step over all replicas; the last
-            partial batch is dropped so every step has the same shape.
+        global_batch_size: examples per step over all replicas; each epoch's
+            last partial batch is dropped so every step has the same shape.
         augment: `"imagenet"`, `"light"` (crop and flip), `"none"` (the
             evaluation resize and crop), or an `Augmentation`.
         seed: seeds shuffling and augmentation.
@@ -466,69 +472,91 @@ def training_pipeline(split, image_size, global_batch_size, augment="imagenet",
             augmentation layers, RandAugment, random erasing, MixUp and
             CutMix, one example or batch at a time).
         channels: 3 for RGB, 1 for grayscale (the augmented RGB image's gray).
+        first_epoch: `None`: one epoch, another each time the dataset is
+            iterated. A number: epochs from that one on, one after another
+            without end, as `model.fit(..., initial_epoch=first_epoch,
+            steps_per_epoch=...)` takes them.
     """
     check_channels(channels)
     height, width = image_size
     num_classes = len(split.class_names)
     policy = augment if isinstance(augment, Augmentation) else Augmentation.named(augment)
-    if split.num_examples < global_batch_size:
+    if not (first_epoch is None or is_whole(first_epoch, 0)):
+        raise DataError(f"first_epoch must be None or a whole number >= 0. "
+                        f"Received: first_epoch={first_epoch!r}")
+    steps = split.num_examples // global_batch_size
+    if steps == 0:
         raise DataError(f"the training split has {split.num_examples} examples, fewer "
                         f"than one batch of {global_batch_size}; lower the batch size")
-    if split.paths is not None and not cache:
-        # Shuffle file names, not decoded images: cheap and complete.
-        dataset = tf.data.Dataset.from_tensor_slices((split.paths, split.labels)).shuffle(
-            split.num_examples, seed=seed, reshuffle_each_iteration=True,
-        ).map(_decode_file, num_parallel_calls=tf.data.AUTOTUNE)
+    # Shuffle file names, not decoded images: cheap and complete.
+    from_files = split.paths is not None and not cache
+    if from_files:
+        source = tf.data.Dataset.from_tensor_slices((split.paths, split.labels))
+        buffer = split.num_examples
     else:
-        dataset = split.dataset.cache() if cache else split.dataset
-        dataset = dataset.shuffle(min(split.num_examples, 10_000), seed=seed,
-                                  reshuffle_each_iteration=True)
+        source = split.dataset.cache() if cache else split.dataset
+        buffer = min(split.num_examples, 10_000)
+    seed_key = tf.constant([seed, 0], tf.int64)
 
-    # Keras' augmentation layers draw from a seed generator, a variable each
-    # call advances: parallel calls draw in whatever order they run, so
-    # deterministic runs them one at a time.
+    def one_epoch(epoch):
+        """Epoch `epoch`'s examples, each with its own stateless seed."""
+        key = tf.random.experimental.stateless_fold_in(seed_key, epoch)
+        # This function's own graph seed: with a global one of 0 (seed 0),
+        # TensorFlow's seed check compares the tensor seed to 0 in Python.
+        tf.random.set_seed(1)
+        shuffled = source.shuffle(buffer, seed=tf.random.stateless_uniform(
+            [], key, 0, 2**62, tf.int64))
+        return shuffled.take(steps * global_batch_size).enumerate().map(
+            lambda index, example: (example,
+                                    tf.random.experimental.stateless_fold_in(key, index)))
+
+    if first_epoch is None:
+        numbers = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1)
+    else:
+        numbers = tf.data.Dataset.range(first_epoch, 2**62)
+    dataset = numbers.flat_map(one_epoch)
+    if from_files:
+        dataset = dataset.map(lambda example, key: (_decode_file(*example), key),
+                              num_parallel_calls=tf.data.AUTOTUNE)
+
+    # Keras' augmentation layers draw from seed generators, variables that
+    # each call advances (deterministic sets them from each example's seed
+    # first): parallel calls would draw in whatever order they ran.
     stateful_calls = None if deterministic else tf.data.AUTOTUNE
     if policy is None:
         dataset = dataset.map(
-            lambda image, label: (center_crop(image, image_size),
-                                  tf.one_hot(label, num_classes)),
+            lambda example, key: (center_crop(example[0], image_size),
+                                  tf.one_hot(example[1], num_classes), key),
             num_parallel_calls=tf.data.AUTOTUNE)
     else:
-        # The crop and the flip are stateless, from a seed per example that
-        # changes each epoch: the same on every run, and still in parallel.
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-
-        def crop_and_flip(example, example_seed):
+        def crop_and_flip(example, key):
             image, label = example
-            crop_seed, flip_seed = tf.unstack(
-                tf.random.experimental.stateless_split(example_seed, 2))
+            crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(key, 2))
             image = random_resized_crop(image, image_size, policy.crop_scale,
                                         policy.crop_ratio, crop_seed)
             if policy.flip:
                 image = tf.image.stateless_random_flip_left_right(image, flip_seed)
             # Bicubic resizing overshoots [0, 255] at edges.
-            return tf.clip_by_value(image, 0.0, 255.0), tf.one_hot(label, num_classes)
+            return tf.clip_by_value(image, 0.0, 255.0), tf.one_hot(label, num_classes), key
 
-        dataset = tf.data.Dataset.zip(dataset, seeds).map(
-            crop_and_flip, num_parallel_calls=tf.data.AUTOTUNE)
-        rand_augment = _rand_augment(policy.rand_augment_magnitude, seed)
-        erasing = keras.layers.RandomErasing(
-            factor=policy.random_erasing, value_range=(0, 255), seed=seed, **CHANNELS_LAST,
-        ) if policy.random_erasing else None
-        if rand_augment is not None or erasing is not None:
-            def distort(image, label):
-                if rand_augment is not None:
-                    image = rand_augment(image, training=True)
-                if erasing is not None:
-                    image = erasing(image, training=True)
-                return tf.clip_by_value(image, 0.0, 255.0), label
-
-            dataset = dataset.map(distort, num_parallel_calls=stateful_calls)
+        dataset = dataset.map(crop_and_flip, num_parallel_calls=tf.data.AUTOTUNE)
+        distortions = [_rand_augment(policy.rand_augment_magnitude, seed)]
+        if policy.random_erasing:
+            distortions.append(keras.layers.RandomErasing(
+                factor=policy.random_erasing, value_range=(0, 255), seed=seed, **CHANNELS_LAST))
+        distortions = [layer for layer in distortions if layer is not None]
+        if distortions:
+            dataset = dataset.map(_distorter(distortions, deterministic, (height, width, 3)),
+                                  num_parallel_calls=stateful_calls)
     dataset = dataset.batch(global_batch_size, drop_remainder=True)
     if policy is not None and (policy.mixup_alpha or policy.cutmix_alpha):
-        dataset = dataset.map(_mixer(policy, seed), num_parallel_calls=stateful_calls)
-    dataset = dataset.map(lambda images, labels: (tf.ensure_shape(
+        dataset = dataset.map(_mixer(policy, seed, deterministic, global_batch_size,
+                                     (height, width, 3), num_classes),
+                              num_parallel_calls=stateful_calls)
+    dataset = dataset.map(lambda images, labels, keys: (tf.ensure_shape(
         _with_channels(images, channels), [global_batch_size, height, width, channels]), labels))
+    if first_epoch is None:
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(steps))
     return _finish(dataset, deterministic)
 
 
@@ -658,26 +686,76 @@ def _rand_augment(magnitude, seed):
     return layer
 
 
-def _mixer(policy, seed):
-    """MixUp or CutMix on each batch, one of them chosen per batch."""
+def _mixer(policy, seed, deterministic, batch_size, image_shape, num_classes):
+    """MixUp or CutMix on each batch, one of them chosen per batch, from the
+    batch's first example's seed."""
     mixup = cutmix = None
     if policy.mixup_alpha:
         mixup = keras.layers.MixUp(alpha=policy.mixup_alpha, seed=seed, **CHANNELS_LAST)
     if policy.cutmix_alpha:
         cutmix = keras.layers.CutMix(factor=policy.cutmix_alpha, seed=seed, **CHANNELS_LAST)
+    example = {"images": tf.zeros([batch_size, *image_shape]),
+               "labels": tf.zeros([batch_size, num_classes])}
+    generators = _tf_seed_generators([mixup, cutmix], example) if deterministic else []
 
-    def mix(images, labels):
-        data = {"images": images, "labels": labels}
+    def mix(images, labels, keys):
+        switch_key, layers_key = tf.unstack(tf.random.experimental.stateless_split(keys[0], 2))
+        with tf.control_dependencies(_reseed(generators, layers_key)):
+            data = {"images": tf.identity(images), "labels": labels}
         if mixup is None or cutmix is None:
             mixed = (mixup or cutmix)(data, training=True)
         else:
-            use_cutmix = tf.random.uniform([], seed=seed) < policy.mix_switch_prob
+            use_cutmix = tf.random.stateless_uniform([], switch_key) < policy.mix_switch_prob
             mixed = tf.cond(use_cutmix, lambda: cutmix(data, training=True),
                             lambda: mixup(data, training=True))
         # lam * 255 + (1 - lam) * 255 rounds to 255.00002 now and then.
-        return tf.clip_by_value(mixed["images"], 0.0, 255.0), mixed["labels"]
+        return tf.clip_by_value(mixed["images"], 0.0, 255.0), mixed["labels"], keys
 
     return mix
+
+
+def _distorter(layers, deterministic, image_shape):
+    """Keras' augmentation `layers` in turn on each `(image, label, seed)`."""
+    generators = _tf_seed_generators(layers, tf.zeros(image_shape)) if deterministic else []
+
+    def distort(image, label, key):
+        with tf.control_dependencies(_reseed(generators, key)):
+            image = tf.identity(image)
+        for layer in layers:
+            image = layer(image, training=True)
+        return tf.clip_by_value(image, 0.0, 255.0), label, key
+
+    return distort
+
+
+def _tf_seed_generators(layers, example):
+    """The seed generators that Keras' augmentation `layers` draw from in tf.data.
+
+    Each call advances them, so their numbers depend on every call before:
+    `_reseed` sets them from an example's own seed instead. On a Keras
+    backend other than TensorFlow, Keras makes these generators on a layer's
+    first call in a tf.data function; one is traced here for that.
+    """
+    found = []
+    for layer in layers:
+        if layer is None:
+            continue
+        if keras.backend.backend() != "tensorflow":
+            tf.data.Dataset.from_tensors(example).map(lambda data: layer(data, training=True))
+        for each in layer._flatten_layers():
+            for generator in (*each._seed_generators,
+                              *getattr(each, "_backend_generators", {}).values()):
+                state = getattr(generator.state, "value", None)
+                if isinstance(state, tf.Variable) and all(state is not g for g in found):
+                    found.append(state)
+    return found
+
+
+def _reseed(generators, key):
+    """Ops that set each seed generator state in `generators` from `key`."""
+    return [state.assign(tf.cast(tf.random.stateless_uniform(
+        [2], tf.random.experimental.stateless_fold_in(key, i), 0, 2**31 - 1, tf.int64),
+        state.dtype)) for i, state in enumerate(generators)]
 
 
 def write_digits_folder(root, image_size=32, validation_fraction=0.2, seed=0):

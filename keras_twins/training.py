@@ -31,6 +31,7 @@ import tempfile
 import zipfile
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_twins import data as data_lib
@@ -521,10 +522,13 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
         backup_freq: `"epoch"` or a number of steps between backups.
         resume: continue the run in `output`: from its backup, or else from
             `checkpoints/last.keras` up to `epochs`.
-        seed: seeds initialization, shuffling and augmentation.
+        seed: seeds initialization, shuffling, augmentation and stochastic
+            depth; each epoch draws from it and its number, so a resumed
+            epoch draws what it would have uninterrupted.
         cache: keep decoded images in memory after the first epoch.
         deterministic: the same input order and augmentation on every run
-            with the same seed, so the same weights on the same machine
+            with the same seed, so the same weights on the same machine, a
+            run stopped and resumed from an epoch's backup included
             (slower; see `data.training_pipeline`).
         train_split: the split to train on, or a slice of it, as
             tensorflow-datasets writes them: `"train[:90%]"` trains on 90%
@@ -622,12 +626,6 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
     replicas = strategy.num_replicas_in_sync
     global_batch = batch_size * replicas
     steps_per_epoch = training_set.num_examples // global_batch
-    # The pipeline's random ops take their seeds from TensorFlow's global seed
-    # as they are traced: set here, not left to whatever ran before in this process.
-    keras.utils.set_random_seed(seed)
-    train_data = data_lib.training_pipeline(training_set, image_size, global_batch, augment,
-                                            seed=seed, cache=cache,
-                                            deterministic=deterministic, channels=channels)
     static = _is_multi_worker(strategy) or isinstance(strategy, tf.distribute.TPUStrategy)
     validation_data = None if validation is None else data_lib.evaluation_pipeline(
         validation, image_size, global_batch, cache=cache, drop_remainder=static,
@@ -643,6 +641,12 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
         # Beside the chief's, not inside: each worker deletes its own at the end.
         backup_dir = f"{backup_dir}-worker_{strategy.cluster_resolver.task_id}"
     _check_backup_dir(backup_dir, output)
+    # Each epoch's batches are drawn from the seed and the epoch's number: a
+    # resumed run gets those an uninterrupted one got.
+    first_epoch = start.initial_epoch or _backed_up_epoch(backup_dir)
+    train_data = data_lib.training_pipeline(training_set, image_size, global_batch, augment,
+                                            seed=seed, cache=cache, deterministic=deterministic,
+                                            channels=channels, first_epoch=first_epoch)
 
     previous_policy = keras.config.dtype_policy()
     keras.utils.set_random_seed(seed)
@@ -674,6 +678,7 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
         run_callbacks = [
             keras.callbacks.BackupAndRestore(backup_dir, save_freq=backup_freq,
                                              double_checkpoint=True),
+            EpochSeeds(seed),
             keras.callbacks.CSVLogger(os.path.join(work, "history.csv"), append=True),
             keras.callbacks.TensorBoard(os.path.join(work, "logs")),
             Checkpoints(os.path.join(work, "checkpoints"),
@@ -865,6 +870,27 @@ class Checkpoints(keras.callbacks.Callback):
                        os.path.join(self.directory, "best.keras"))
 
 
+class EpochSeeds(keras.callbacks.Callback):
+    """Sets the model's random state (stochastic depth's) at the start of
+    each epoch from `seed` and the epoch's number.
+
+    Keras' backups and checkpoints leave that state out: a resumed run drew
+    the masks of its first epochs again, not those of an uninterrupted one.
+    """
+
+    def __init__(self, seed):
+        super().__init__()
+        self.seed = seed
+
+    def on_epoch_begin(self, epoch, logs=None):
+        states = [generator.state for layer in self.model._flatten_layers()
+                  for generator in layer._seed_generators]
+        draws = np.random.default_rng([self.seed, epoch]).integers(
+            0, 2**31 - 1, size=(len(states), 2))
+        for state, draw in zip(states, draws):
+            state.assign(draw.astype(state.dtype))
+
+
 class TrainingCurves(keras.callbacks.Callback):
     """Redraws the loss and accuracy curves from `history.csv` after each epoch."""
 
@@ -949,6 +975,16 @@ def _check_output(output, settings, resume, epochs, class_names):
 
 # What Keras' BackupAndRestore writes into its folder (with double_checkpoint).
 _BACKUP_FILES = ("latest.weights.h5", "training_metadata.json")
+
+
+def _backed_up_epoch(backup_dir):
+    """The epoch that Keras' BackupAndRestore resumes at from `backup_dir` (0: none)."""
+    try:
+        with open(os.path.join(backup_dir, "training_metadata.json"), encoding="utf-8") as f:
+            epoch = json.load(f)["epoch"]
+    except (OSError, ValueError, KeyError, TypeError):  # none, or Keras refuses it
+        return 0
+    return epoch if is_whole(epoch, 0) else 0
 
 
 def _check_backup_dir(backup_dir, output):

@@ -1,5 +1,6 @@
 """The input pipelines of keras_twins.data: image folders, decoding, batches."""
 
+import hashlib
 import os
 import re
 import shutil
@@ -72,16 +73,40 @@ def test_deterministic_pipelines_give_the_same_batches_on_every_run(tmp_path):
     assert len(set(digests)) == len(digests)
 
 
+@pytest.mark.parametrize("cache", [False, True])  # shuffled as file names, or as images
+def test_a_pipeline_started_at_an_epoch_gives_that_epochs_batches(tmp_path, cache):
+    """Each epoch's shuffle and augmentation followed from the epochs before
+    it: a run resumed at epoch 2 got the batches of epoch 0."""
+    split = data_lib.load_split(image_folder(tmp_path / "data", per_class=6), "train")
+    steps = split.num_examples // 4
+
+    def digests(first_epoch, epochs):
+        pipeline = data_lib.training_pipeline(split, (32, 48), 4, "imagenet", seed=5,
+                                              cache=cache, deterministic=True,
+                                              first_epoch=first_epoch)
+        return [hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()
+                for images, labels in pipeline.take(epochs * steps)]
+
+    whole = digests(0, 3)
+    assert digests(2, 1) == whole[2 * steps:]
+    assert len(set(whole)) == len(whole)
+    with pytest.raises(data_lib.DataError, match=r"first_epoch must be None or a whole "
+                       r"number >= 0\. Received: first_epoch=-1$"):
+        data_lib.training_pipeline(split, (32, 48), 4, first_epoch=-1)
+
+
 def test_mixed_images_stay_in_the_pixel_range():
     """MixUp blends two white pixels into 255.00002 by rounding, out of the
     [0, 255] that training_pipeline promises (a fresh-clone run caught it)."""
     import tensorflow as tf
 
-    mix = data_lib._mixer(data_lib.Augmentation.named("imagenet"), seed=3)
+    mix = data_lib._mixer(data_lib.Augmentation.named("imagenet"), seed=3, deterministic=False,
+                          batch_size=64, image_shape=(8, 8, 3), num_classes=3)
     images = tf.fill([64, 8, 8, 3], 255.0)
     labels = tf.one_hot(tf.range(64) % 3, 3)
-    for _ in range(5):
-        mixed, _ = mix(images, labels)
+    for batch in range(5):
+        keys = tf.stack([tf.fill([64], batch), tf.range(64)], axis=1)
+        mixed, _, _ = mix(images, labels, tf.cast(keys, tf.int64))
         assert float(tf.reduce_max(mixed)) <= 255.0
 
 
