@@ -135,8 +135,8 @@ def main(argv=None):
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--cache", action="store_true", help="keep decoded images in memory")
     train.add_argument("--deterministic", action="store_true",
-                       help="the same input order and augmentation on every run with the "
-                            "same --seed, so the same weights (slower)")
+                       help="the same batches on every run with the same --seed, so "
+                            "the same weights")
     train.add_argument("--data-dir", help="tensorflow-datasets data folder")
     train.add_argument("--manual-dir", help="tensorflow-datasets manual download folder")
 

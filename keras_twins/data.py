@@ -467,10 +467,11 @@ def training_pipeline(split, image_size, global_batch_size, augment="imagenet",
             evaluation resize and crop), or an `Augmentation`.
         seed: seeds shuffling and augmentation.
         cache: keep the decoded images in memory after the first epoch.
-        deterministic: the same order and augmentation on every run with
-            the same seed (slower: no parallel reordering, and Keras'
-            augmentation layers, RandAugment, random erasing, MixUp and
-            CutMix, one example or batch at a time).
+        deterministic: the same batches on every run with the same seed.
+            Each example's augmentation is always a function of the seed,
+            the epoch and its place in the epoch's shuffle; without this,
+            parallel decoding and augmentation hand examples on as they
+            finish, so batches may be made up differently.
         channels: 3 for RGB, 1 for grayscale (the augmented RGB image's gray).
         first_epoch: `None`: one epoch, another each time the dataset is
             iterated. A number: epochs from that one on, one after another
@@ -519,10 +520,6 @@ def training_pipeline(split, image_size, global_batch_size, augment="imagenet",
         dataset = dataset.map(lambda example, key: (_decode_file(*example), key),
                               num_parallel_calls=tf.data.AUTOTUNE)
 
-    # Keras' augmentation layers draw from seed generators, variables that
-    # each call advances (deterministic sets them from each example's seed
-    # first): parallel calls would draw in whatever order they ran.
-    stateful_calls = None if deterministic else tf.data.AUTOTUNE
     if policy is None:
         dataset = dataset.map(
             lambda example, key: (center_crop(example[0], image_size),
@@ -546,13 +543,12 @@ def training_pipeline(split, image_size, global_batch_size, augment="imagenet",
                 factor=policy.random_erasing, value_range=(0, 255), seed=seed, **CHANNELS_LAST))
         distortions = [layer for layer in distortions if layer is not None]
         if distortions:
-            dataset = dataset.map(_distorter(distortions, deterministic, (height, width, 3)),
-                                  num_parallel_calls=stateful_calls)
+            dataset = dataset.map(_distorter(distortions, (height, width, 3)),
+                                  num_parallel_calls=tf.data.AUTOTUNE)
     dataset = dataset.batch(global_batch_size, drop_remainder=True)
     if policy is not None and (policy.mixup_alpha or policy.cutmix_alpha):
-        dataset = dataset.map(_mixer(policy, seed, deterministic, global_batch_size,
-                                     (height, width, 3), num_classes),
-                              num_parallel_calls=stateful_calls)
+        dataset = dataset.map(_mixer(policy, seed, global_batch_size, (height, width, 3),
+                                     num_classes), num_parallel_calls=tf.data.AUTOTUNE)
     dataset = dataset.map(lambda images, labels, keys: (tf.ensure_shape(
         _with_channels(images, channels), [global_batch_size, height, width, channels]), labels))
     if first_epoch is None:
@@ -686,7 +682,7 @@ def _rand_augment(magnitude, seed):
     return layer
 
 
-def _mixer(policy, seed, deterministic, batch_size, image_shape, num_classes):
+def _mixer(policy, seed, batch_size, image_shape, num_classes):
     """MixUp or CutMix on each batch, one of them chosen per batch, from the
     batch's first example's seed."""
     mixup = cutmix = None
@@ -694,49 +690,54 @@ def _mixer(policy, seed, deterministic, batch_size, image_shape, num_classes):
         mixup = keras.layers.MixUp(alpha=policy.mixup_alpha, seed=seed, **CHANNELS_LAST)
     if policy.cutmix_alpha:
         cutmix = keras.layers.CutMix(factor=policy.cutmix_alpha, seed=seed, **CHANNELS_LAST)
-    example = {"images": tf.zeros([batch_size, *image_shape]),
-               "labels": tf.zeros([batch_size, num_classes])}
-    generators = _tf_seed_generators([mixup, cutmix], example) if deterministic else []
+    seeded = _seeded_calls([mixup, cutmix], {"images": tf.zeros([batch_size, *image_shape]),
+                                             "labels": tf.zeros([batch_size, num_classes])})
 
     def mix(images, labels, keys):
         switch_key, layers_key = tf.unstack(tf.random.experimental.stateless_split(keys[0], 2))
-        with tf.control_dependencies(_reseed(generators, layers_key)):
-            data = {"images": tf.identity(images), "labels": labels}
+        data = {"images": images, "labels": labels}
         if mixup is None or cutmix is None:
-            mixed = (mixup or cutmix)(data, training=True)
+            mixed = seeded(layers_key, lambda: (mixup or cutmix)(data, training=True))
         else:
             use_cutmix = tf.random.stateless_uniform([], switch_key) < policy.mix_switch_prob
-            mixed = tf.cond(use_cutmix, lambda: cutmix(data, training=True),
-                            lambda: mixup(data, training=True))
+            mixed = seeded(layers_key, lambda: tf.cond(
+                use_cutmix, lambda: cutmix(data, training=True),
+                lambda: mixup(data, training=True)))
         # lam * 255 + (1 - lam) * 255 rounds to 255.00002 now and then.
         return tf.clip_by_value(mixed["images"], 0.0, 255.0), mixed["labels"], keys
 
     return mix
 
 
-def _distorter(layers, deterministic, image_shape):
+def _distorter(layers, image_shape):
     """Keras' augmentation `layers` in turn on each `(image, label, seed)`."""
-    generators = _tf_seed_generators(layers, tf.zeros(image_shape)) if deterministic else []
+    seeded = _seeded_calls(layers, tf.zeros(image_shape))
 
     def distort(image, label, key):
-        with tf.control_dependencies(_reseed(generators, key)):
-            image = tf.identity(image)
-        for layer in layers:
-            image = layer(image, training=True)
-        return tf.clip_by_value(image, 0.0, 255.0), label, key
+        def call():
+            distorted = image
+            for layer in layers:
+                distorted = layer(distorted, training=True)
+            return distorted
+
+        return tf.clip_by_value(seeded(key, call), 0.0, 255.0), label, key
 
     return distort
 
 
-def _tf_seed_generators(layers, example):
-    """The seed generators that Keras' augmentation `layers` draw from in tf.data.
+def _seeded_calls(layers, example):
+    """`seeded(key, call)`: runs `call`, which calls Keras' augmentation
+    `layers`, with their random numbers drawn from `key` alone.
 
-    Each call advances them, so their numbers depend on every call before:
-    `_reseed` sets them from an example's own seed instead. On a Keras
-    backend other than TensorFlow, Keras makes these generators on a layer's
-    first call in a tf.data function; one is traced here for that.
+    Keras' layers draw from seed generators, variables that each call
+    advances: parallel calls drew in whatever order they ran, and what one
+    example got depended on every call before it. In a `keras.StatelessScope`
+    the generators' states are values from the key, and their updates are
+    dropped: each call is a function of its example's key, in parallel.
+    On a Keras backend other than TensorFlow, Keras makes the generators
+    a layer uses in tf.data on its first call there; one is traced here.
     """
-    found = []
+    states = []
     for layer in layers:
         if layer is None:
             continue
@@ -745,17 +746,24 @@ def _tf_seed_generators(layers, example):
         for each in layer._flatten_layers():
             for generator in (*each._seed_generators,
                               *getattr(each, "_backend_generators", {}).values()):
-                state = getattr(generator.state, "value", None)
-                if isinstance(state, tf.Variable) and all(state is not g for g in found):
-                    found.append(state)
-    return found
+                if (isinstance(getattr(generator.state, "value", None), tf.Variable)
+                        and all(generator.state is not state for state in states)):
+                    states.append(generator.state)
 
+    def seeded(key, call):
+        with keras.StatelessScope() as scope:
+            for i, state in enumerate(states):
+                scope.add_update((state, tf.cast(tf.random.stateless_uniform(
+                    [2], tf.random.experimental.stateless_fold_in(key, i), 0, 2**31 - 1,
+                    tf.int64), state.dtype)))
+            result = call()
+        if len(scope.state_mapping) != len(states):
+            # Its draws would repeat for every example.
+            raise RuntimeError("a Keras augmentation layer drew from a seed generator "
+                               "that keras_twins.data does not seed")
+        return result
 
-def _reseed(generators, key):
-    """Ops that set each seed generator state in `generators` from `key`."""
-    return [state.assign(tf.cast(tf.random.stateless_uniform(
-        [2], tf.random.experimental.stateless_fold_in(key, i), 0, 2**31 - 1, tf.int64),
-        state.dtype)) for i, state in enumerate(generators)]
+    return seeded
 
 
 def write_digits_folder(root, image_size=32, validation_fraction=0.2, seed=0):

@@ -529,7 +529,7 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
         deterministic: the same input order and augmentation on every run
             with the same seed, so the same weights on the same machine, a
             run stopped and resumed from an epoch's backup included
-            (slower; see `data.training_pipeline`).
+            (see `data.training_pipeline`).
         train_split: the split to train on, or a slice of it, as
             tensorflow-datasets writes them: `"train[:90%]"` trains on 90%
             of train and `validation_split="train[90%:]"` validates on the
