@@ -484,6 +484,7 @@ def _read_config(path):
 
 def _train(args):
     from keras_twins.pretrained import WeightsDownloadError
+    from keras_twins.training import TrainingWarning
     from keras_twins.training import train
 
     streams = _start_cpu_streams(args)
@@ -497,7 +498,7 @@ def _train(args):
                                f"Received: {backup_freq}")
         backup_freq = int(backup_freq)
     try:
-        with _progress_to_terminal():
+        with _progress_to_terminal(), _warnings_shown(TrainingWarning):
             result = train(
                 args.data, model, output=args.output, image_size=args.image_size,
                 epochs=args.epochs, batch_size=args.batch_size,

@@ -28,6 +28,7 @@ import numbers
 import os
 import shutil
 import tempfile
+import warnings
 import zipfile
 
 import keras
@@ -70,6 +71,11 @@ _RUN_DEFAULTS = {"channels": 3, "train_split": "train"}
 
 class TrainingError(ValueError):
     """Bad training input; the message is one line that names the problem."""
+
+
+class TrainingWarning(UserWarning):
+    """Something `train` did that the user should know of (the `keras-twins train`
+    command prints these)."""
 
 
 @dataclasses.dataclass
@@ -643,7 +649,7 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
     _check_backup_dir(backup_dir, output)
     # Each epoch's batches are drawn from the seed and the epoch's number: a
     # resumed run gets those an uninterrupted one got.
-    first_epoch = start.initial_epoch or _backed_up_epoch(backup_dir)
+    first_epoch = start.initial_epoch or _restorable_backup(backup_dir)
     train_data = data_lib.training_pipeline(training_set, image_size, global_batch, augment,
                                             seed=seed, cache=cache, deterministic=deterministic,
                                             channels=channels, first_epoch=first_epoch)
@@ -977,14 +983,57 @@ def _check_output(output, settings, resume, epochs, class_names):
 _BACKUP_FILES = ("latest.weights.h5", "training_metadata.json")
 
 
-def _backed_up_epoch(backup_dir):
-    """The epoch that Keras' BackupAndRestore resumes at from `backup_dir` (0: none)."""
-    try:
-        with open(os.path.join(backup_dir, "training_metadata.json"), encoding="utf-8") as f:
-            epoch = json.load(f)["epoch"]
-    except (OSError, ValueError, KeyError, TypeError):  # none, or Keras refuses it
+def _restorable_backup(backup_dir):
+    """The epoch that BackupAndRestore resumes at from `backup_dir` (0: none).
+
+    Keras writes a backup in place, its weights and then its metadata, and
+    keeps the one before as `.bkp` files. A run killed while it wrote left a
+    file cut short, and starting it again failed with a traceback (Keras
+    falls back on the backup before only where the weights do not open).
+    Where the latest backup does not read, the one before is copied over it.
+    Where neither does (a kill while the first was written), the damaged
+    files are deleted and the run starts again, with a `TrainingWarning`.
+    """
+    latest = [os.path.join(backup_dir, name) for name in _BACKUP_FILES]
+    if not any(os.path.exists(path) for path in latest):
         return 0
-    return epoch if is_whole(epoch, 0) else 0
+    problems = []
+    for pair in (latest, [f"{path}.bkp" for path in latest]):
+        epoch, problem = _read_backup(*pair)
+        if problem is None:
+            if pair != latest:
+                for source, target in zip(pair, latest):
+                    shutil.copyfile(source, f"{target}.partial")
+                    os.replace(f"{target}.partial", target)
+            return epoch
+        problems.append(problem)
+    for path in latest + [f"{path}.bkp" for path in latest]:
+        if os.path.exists(path):
+            os.remove(path)
+    warnings.warn(f"the backup in {backup_dir} did not read ({problems[0]}), and there is no "
+                  "earlier one: it was deleted, and the run starts again from its first epoch",
+                  TrainingWarning, stacklevel=3)
+    return 0
+
+
+def _read_backup(weights, metadata):
+    """`(epoch, None)` for a backup that Keras can restore, else `(None, problem)`."""
+    import h5py
+
+    if not os.path.exists(weights):
+        return None, f"{os.path.basename(weights)} is missing"
+    try:
+        h5py.File(weights, "r").close()
+    except OSError as error:
+        return None, f"{os.path.basename(weights)} does not read ({str(error)[:120]})"
+    try:
+        with open(metadata, encoding="utf-8") as f:
+            epoch = json.load(f)["epoch"]
+    except (OSError, ValueError, KeyError, TypeError):
+        epoch = None
+    if not is_whole(epoch, 0):
+        return None, f"{os.path.basename(metadata)} is not Keras' backup metadata"
+    return epoch, None
 
 
 def _check_backup_dir(backup_dir, output):

@@ -55,6 +55,12 @@ def write_oversized_png(path, side=20000):
                      + chunk(b"IEND", b""))
 
 
+def max_difference(a, b):
+    """The largest absolute difference between two lists of weight arrays."""
+    assert len(a) == len(b)
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
+
+
 def max_error_within_tolerance(actual, reference):
     """The parity criterion: max|a - r| <= 1e-5 * max(1, max|r|)."""
     error = float(np.max(np.abs(actual - reference)))

@@ -23,6 +23,7 @@ from PIL import Image
 from conftest import TINY
 from conftest import image_folder
 from conftest import json_config
+from conftest import max_difference
 from conftest import run_cli
 from conftest import TWO_STAGES
 import keras_twins
@@ -56,11 +57,6 @@ def finish(process, timeout=600):
 def weights(path):
     with np.load(path) as arrays:
         return [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
-
-
-def max_difference(a, b):
-    assert len(a) == len(b)
-    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
 
 
 def test_mirrored_over_two_cpus_gives_the_single_device_weights(tmp_path):
@@ -408,30 +404,6 @@ def test_deterministic_runs_in_one_process_train_to_the_same_weights(tmp_path):
                for i, seed in enumerate((1, 1, 2))]
     assert max_difference(trained[0], trained[1]) == 0.0
     assert max_difference(trained[0], trained[2]) > 1e-4
-
-
-class _StopAfterFirstEpoch(keras.callbacks.Callback):
-    """Stops the process as a kill would, once the first epoch is backed up."""
-
-    def on_epoch_end(self, epoch, logs=None):
-        raise KeyboardInterrupt
-
-
-def test_a_deterministic_run_stopped_and_started_again_ends_as_an_uninterrupted_one(tmp_path):
-    """A resumed run restarted the data's shuffle and augmentation, and the
-    stochastic-depth masks, at those of epoch 0: its weights ended elsewhere."""
-    data = str(image_folder(tmp_path / "data", per_class=8, splits=("train",)))
-    settings = dict(image_size=16, epochs=2, batch_size=4, augment="imagenet",
-                    deterministic=True, seed=3, validation_split=None, verbose=0,
-                    model=dict(TWO_STAGES, drop_path_rate=0.5))
-    whole = training.train(data, output=str(tmp_path / "whole"), **settings).model.get_weights()
-    with pytest.raises(KeyboardInterrupt):
-        training.train(data, output=str(tmp_path / "stopped"),
-                       callbacks=[_StopAfterFirstEpoch()], **settings)
-    assert (tmp_path / "stopped" / "backup").is_dir()
-    resumed = training.train(data, output=str(tmp_path / "stopped"), **settings)
-    assert resumed.history["loss"] and len(resumed.history["loss"]) == 1
-    assert max_difference(whole, resumed.model.get_weights()) == 0.0
 
 
 @pytest.mark.parametrize("dtype, stored, expected", [
