@@ -638,15 +638,15 @@ def train(data, model="twins_svt_small", *, output, image_size=224, epochs=300,
         channels=channels)
 
     output = os.fspath(output)
-    start = (_check_output(output, settings, resume, epochs, training_set.class_names)
-             if chief else _Start())
-    # Other workers write what the chief writes into a folder thrown away at the end.
-    work = output if chief else tempfile.mkdtemp(prefix="keras_twins_worker_")
     backup_dir = os.fspath(backup_dir or os.path.join(output, "backup"))
     if not chief:
         # Beside the chief's, not inside: each worker deletes its own at the end.
         backup_dir = f"{backup_dir}-worker_{strategy.cluster_resolver.task_id}"
     _check_backup_dir(backup_dir, output)
+    start = (_check_output(output, backup_dir, settings, resume, epochs,
+                           training_set.class_names) if chief else _Start())
+    # Other workers write what the chief writes into a folder thrown away at the end.
+    work = output if chief else tempfile.mkdtemp(prefix="keras_twins_worker_")
     # Each epoch's batches are drawn from the seed and the epoch's number: a
     # resumed run gets those an uninterrupted one got.
     first_epoch = start.initial_epoch or _restorable_backup(backup_dir)
@@ -933,9 +933,9 @@ class _Start:
     weights_from: str = None
 
 
-def _check_output(output, settings, resume, epochs, class_names):
-    """Checks that `output` is new, this run's, or resumed; writes nothing."""
-    backup = os.path.join(output, "backup")
+def _check_output(output, backup, settings, resume, epochs, class_names):
+    """Checks that `output` is new, this run's, or resumed (from the backup in
+    `backup`, or else from its last checkpoint); writes nothing."""
     last = os.path.join(output, "checkpoints", "last.keras")
     start = _Start()
     if os.path.isdir(output) and os.listdir(output):
