@@ -997,20 +997,20 @@ def _restorable_backup(backup_dir):
     latest = [os.path.join(backup_dir, name) for name in _BACKUP_FILES]
     if not any(os.path.exists(path) for path in latest):
         return 0
-    problems = []
-    for pair in (latest, [f"{path}.bkp" for path in latest]):
-        epoch, problem = _read_backup(*pair)
-        if problem is None:
-            if pair != latest:
-                for source, target in zip(pair, latest):
-                    shutil.copyfile(source, f"{target}.partial")
-                    os.replace(f"{target}.partial", target)
-            return epoch
-        problems.append(problem)
-    for path in latest + [f"{path}.bkp" for path in latest]:
+    epoch, problem = _read_backup(*latest)
+    if problem is None:
+        return epoch
+    previous = [f"{path}.bkp" for path in latest]
+    epoch, _ = _read_backup(*previous)
+    if epoch is not None:
+        for source, target in zip(previous, latest):
+            shutil.copyfile(source, f"{target}.partial")
+            os.replace(f"{target}.partial", target)
+        return epoch
+    for path in latest + previous:
         if os.path.exists(path):
             os.remove(path)
-    warnings.warn(f"the backup in {backup_dir} did not read ({problems[0]}), and there is no "
+    warnings.warn(f"the backup in {backup_dir} did not read ({problem}), and there is no "
                   "earlier one: it was deleted, and the run starts again from its first epoch",
                   TrainingWarning, stacklevel=3)
     return 0
