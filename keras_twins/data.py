@@ -690,8 +690,8 @@ def _mixer(policy, seed, batch_size, image_shape, num_classes):
         mixup = keras.layers.MixUp(alpha=policy.mixup_alpha, seed=seed, **CHANNELS_LAST)
     if policy.cutmix_alpha:
         cutmix = keras.layers.CutMix(factor=policy.cutmix_alpha, seed=seed, **CHANNELS_LAST)
-    seeded = _seeded_calls([mixup, cutmix], {"images": tf.zeros([batch_size, *image_shape]),
-                                             "labels": tf.zeros([batch_size, num_classes])})
+    seeded = _seeded_calls([mixup, cutmix], {"images": [batch_size, *image_shape],
+                                             "labels": [batch_size, num_classes]})
 
     def mix(images, labels, keys):
         switch_key, layers_key = tf.unstack(tf.random.experimental.stateless_split(keys[0], 2))
@@ -711,7 +711,7 @@ def _mixer(policy, seed, batch_size, image_shape, num_classes):
 
 def _distorter(layers, image_shape):
     """Keras' augmentation `layers` in turn on each `(image, label, seed)`."""
-    seeded = _seeded_calls(layers, tf.zeros(image_shape))
+    seeded = _seeded_calls(layers, image_shape)
 
     def distort(image, label, key):
         def call():
@@ -725,7 +725,7 @@ def _distorter(layers, image_shape):
     return distort
 
 
-def _seeded_calls(layers, example):
+def _seeded_calls(layers, shapes):
     """`seeded(key, call)`: runs `call`, which calls Keras' augmentation
     `layers`, with their random numbers drawn from `key` alone.
 
@@ -735,13 +735,16 @@ def _seeded_calls(layers, example):
     the generators' states are values from the key, and their updates are
     dropped: each call is a function of its example's key, in parallel.
     On a Keras backend other than TensorFlow, Keras makes the generators
-    a layer uses in tf.data on its first call there; one is traced here.
+    a layer uses in tf.data on its first call there; one is traced here, on
+    zeros of `shapes` (a shape, or a dict of them as the layers take).
     """
     states = []
     for layer in layers:
         if layer is None:
             continue
         if keras.backend.backend() != "tensorflow":
+            example = ({name: tf.zeros(shape) for name, shape in shapes.items()}
+                       if isinstance(shapes, dict) else tf.zeros(shapes))
             tf.data.Dataset.from_tensors(example).map(lambda data: layer(data, training=True))
         for each in layer._flatten_layers():
             for generator in (*each._seed_generators,
